@@ -1,0 +1,105 @@
+"""The pruning configuration: a frozen, validated, versioned dataclass that round-trips to JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from slimgpt.errors import ConfigError
+from slimgpt.solver.schedule import SCHEDULES
+from slimgpt.solver.structured import GROUP_SCHEDULES
+
+CONFIG_VERSION = 1
+METHODS = ("slimgpt",)
+HEAD_SCORES = ("gcd", "gcd-diag", "diag")
+GQA_POLICIES = ("kv-group", "query-heads")
+SOLVERS = ("fast", "reference")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Everything that decides a pruning run. Defaults are the paper's (method spec section 9).
+
+    ratio: fraction of decoder-layer parameters to remove (embeddings and lm_head excluded).
+    schedule / first_ratio / first_fraction: the per-layer ratio schedule; r_0 = first_ratio, or
+        first_fraction * r_last when first_ratio is None (the authors' 20% recipe is 0.0625 / 0.25).
+    head_score: "gcd" (exact grouped-Cholesky group cost), "gcd-diag" (authors' score), "diag" (-GCD).
+    compensate: OBS-update the surviving columns (False is the "no compensation" ablation).
+    group_schedule / group_start / group_floor / group_fraction: FFN Dynamic Group Size; "fixed" is -DGS.
+    gqa_policy: "kv-group" removes whole KV groups; "query-heads" removes query heads evenly per group.
+    solver: "fast" (Schur downdates) or "reference" (re-invert every round, the authors' way).
+    round_to: keep every layer's FFN width a multiple of this.
+    device: where the layer being pruned runs; offload: keep calibration activations on the CPU.
+    """
+
+    method: str = "slimgpt"
+    ratio: float = 0.2
+    schedule: str = "log-increase"
+    first_ratio: float | None = None
+    first_fraction: float = 0.25
+    calib: str = "c4"
+    nsamples: int = 256
+    seqlen: int = 2048
+    seed: int = 0
+    percdamp: float = 0.01
+    head_score: str = "gcd"
+    compensate: bool = True
+    group_schedule: str = "halving"
+    group_start: int = 1024
+    group_floor: int = 8
+    group_fraction: float = 0.5
+    gqa_policy: str = "kv-group"
+    solver: str = "fast"
+    round_to: int = 1
+    device: str = "cpu"
+    offload: bool = True
+    batch_size: int = 1
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        def choice(name: str, options: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            if value not in options:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} {value!r} is not one of: {', '.join(options)}")
+
+        if not 0.0 <= self.ratio < 1.0:
+            raise ConfigError(f"--ratio {self.ratio} is outside [0, 1): give the fraction of parameters to remove")
+        if self.first_ratio is not None and not 0.0 <= self.first_ratio < 1.0:
+            raise ConfigError(f"--first-ratio {self.first_ratio} is outside [0, 1)")
+        choice("method", METHODS)
+        choice("schedule", SCHEDULES)
+        choice("head_score", HEAD_SCORES)
+        choice("group_schedule", GROUP_SCHEDULES)
+        choice("gqa_policy", GQA_POLICIES)
+        choice("solver", SOLVERS)
+        for name in ("nsamples", "seqlen", "group_start", "group_floor", "round_to", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        if not 0.0 < self.first_fraction <= 1.0:
+            raise ConfigError(f"--first-fraction {self.first_fraction} must be in (0, 1]")
+        if not 0.0 < self.group_fraction <= 1.0:
+            raise ConfigError(f"--group-fraction {self.group_fraction} must be in (0, 1]")
+        if self.percdamp < 0:
+            raise ConfigError(f"--percdamp {self.percdamp} must be >= 0")
+        if self.version != CONFIG_VERSION:
+            raise ConfigError(f"config version {self.version} is not supported (this slimgpt reads {CONFIG_VERSION})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PruneConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown pruning option(s): {', '.join(unknown)}")
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str) -> PruneConfig:
+        return cls.from_dict(json.loads(text))

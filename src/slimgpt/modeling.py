@@ -1,0 +1,181 @@
+"""Models whose decoder layers each have their own head count, KV-head count and FFN width.
+
+A stock transformers config cannot describe per-layer widths, so a pruned model is saved with
+``model_type = "slimgpt_<family>"``: the family's config plus three per-layer lists. Importing slimgpt
+registers these types with ``AutoConfig`` / ``AutoModelForCausalLM``, so ``from_pretrained`` works on a
+pruned directory. The model classes are the stock ones; only ``__init__`` differs: it builds every
+layer at its own size, then the stock forward runs unchanged (no copied forward code).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub.dataclasses import strict
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from slimgpt.adapters import LayerSizes, get_adapter
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_MODELS = ("tiny-mha", "tiny-gqa")
+
+
+class SlimConfigMixin:
+    """Per-layer widths. Each list has one entry per decoder layer; None means the stock width."""
+
+    layer_num_attention_heads: list[int] | None
+    layer_num_key_value_heads: list[int] | None
+    layer_intermediate_sizes: list[int] | None
+
+    def layer_sizes(self) -> list[LayerSizes]:
+        cfg: Any = self
+        n = cfg.num_hidden_layers
+        heads = cfg.layer_num_attention_heads or [cfg.num_attention_heads] * n
+        kv_default = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        kv = cfg.layer_num_key_value_heads or [kv_default] * n
+        ffn_default = getattr(cfg, "intermediate_size", None) or getattr(cfg, "ffn_dim", None)
+        ffn = cfg.layer_intermediate_sizes or [ffn_default] * n
+        return [LayerSizes(int(h), int(k), int(f)) for h, k, f in zip(heads, kv, ffn, strict=True)]
+
+
+class _SlimModelMixin:
+    """Builds the stock model, then shapes each decoder layer to the config's per-layer sizes."""
+
+    def _apply_layer_sizes(self) -> None:
+        model: Any = self
+        adapter = get_adapter(model.config)
+        for layer, sizes in zip(adapter.decoder_layers(model), model.config.layer_sizes(), strict=True):
+            if adapter.layer_sizes(layer) != sizes:
+                adapter.resize_layer(layer, sizes)
+
+
+def _make_family(base_config: type[PretrainedConfig], base_model: type[PreTrainedModel], family: str,
+                 head_dim_field: bool) -> tuple[type, type]:
+    model_type = f"slimgpt_{family}"
+    namespace: dict[str, Any] = {
+        "model_type": model_type,
+        "__annotations__": {
+            "layer_num_attention_heads": list[int] | None,
+            "layer_num_key_value_heads": list[int] | None,
+            "layer_intermediate_sizes": list[int] | None,
+        },
+        "layer_num_attention_heads": None,
+        "layer_num_key_value_heads": None,
+        "layer_intermediate_sizes": None,
+        "__module__": __name__,
+    }
+    config_cls = strict(type(f"Slim{base_config.__name__}", (SlimConfigMixin, base_config), namespace))
+
+    def __init__(self: Any, config: Any) -> None:
+        base_model.__init__(self, config)
+        self._apply_layer_sizes()
+        self.post_init()
+
+    model_cls = type(
+        f"Slim{base_model.__name__}", (_SlimModelMixin, base_model),
+        {"config_class": config_cls, "__init__": __init__, "__module__": __name__},
+    )
+    return config_cls, model_cls
+
+
+FAMILIES: dict[str, tuple[type, type]] = {
+    "llama": _make_family(LlamaConfig, LlamaForCausalLM, "llama", True),
+    "mistral": _make_family(MistralConfig, MistralForCausalLM, "mistral", True),
+    "qwen2": _make_family(Qwen2Config, Qwen2ForCausalLM, "qwen2", True),
+    "opt": _make_family(OPTConfig, OPTForCausalLM, "opt", False),
+}
+
+for _config_cls, _model_cls in FAMILIES.values():
+    AutoConfig.register(_config_cls.model_type, _config_cls, exist_ok=True)
+    AutoModelForCausalLM.register(_config_cls, _model_cls, exist_ok=True)
+
+
+def slim_config_from(config: PretrainedConfig, sizes: list[LayerSizes]) -> PretrainedConfig:
+    """The ``slimgpt_<family>`` config describing ``config``'s model with per-layer ``sizes``."""
+    family = config.model_type.removeprefix("slimgpt_")
+    config_cls, _ = FAMILIES[family]
+    values = config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "auto_map"):
+        values.pop(key, None)
+    values.update(
+        layer_num_attention_heads=[s.n_heads for s in sizes],
+        layer_num_key_value_heads=[s.n_kv_heads for s in sizes],
+        layer_intermediate_sizes=[s.ffn_dim for s in sizes],
+    )
+    if family != "opt":
+        values["head_dim"] = get_adapter(config).head_dim
+    slim = config_cls(**values)
+    slim._attn_implementation = getattr(config, "_attn_implementation", None)
+    return slim
+
+
+def builtin_model_path(name: str) -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("slimgpt") / "assets" / "models" / name))
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A built-in name (``tiny-mha``, ``tiny-gqa``) becomes its shipped folder; anything else is kept."""
+    if name_or_path in BUILTIN_MODELS:
+        path = builtin_model_path(name_or_path)
+        if not (path / "config.json").exists():
+            from slimgpt.errors import SlimGPTError
+
+            raise SlimGPTError(f"built-in model {name_or_path!r} is missing from {path}: reinstall slimgpt")
+        return str(path)
+    return name_or_path
+
+
+def load_model(name_or_path: str, *, dtype: torch.dtype | str | None = None, device: str = "cpu",
+               trust_remote_code: bool = False, attn_implementation: str | None = None) -> tuple[Any, Any]:
+    """Load a dense or pruned causal LM and its tokenizer: a built-in name, a Hub id or a local folder.
+
+    ``dtype`` None keeps the checkpoint's dtype ("auto"). Safetensors only; no remote code unless asked.
+    """
+    from slimgpt.errors import SlimGPTError
+
+    path = resolve_model_path(name_or_path)
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "auto": None}[dtype]
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise SlimGPTError(
+            f"cannot load model {name_or_path!r}: not a local folder with config.json and not reachable on the "
+            f"Hub ({str(error).splitlines()[0]}); pass a local path or a cached Hub id"
+        ) from None
+    get_adapter(config)  # unsupported families fail here, before the weights are read
+    kwargs: dict[str, Any] = {"dtype": dtype if dtype is not None else "auto", "use_safetensors": True,
+                              "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return model, tokenizer
+
+
+def load_pruned(path: str | Path, **kwargs: Any) -> tuple[Any, Any]:
+    """Load a model saved by ``slimgpt prune`` (or any model): ``(model, tokenizer)``."""
+    return load_model(str(path), **kwargs)

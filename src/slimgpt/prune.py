@@ -1,0 +1,483 @@
+"""The layer-by-layer driver shared by every method (method spec section 2).
+
+1. Run the calibration windows through everything before the first decoder layer and keep layer 0's
+   inputs together with the keyword arguments its forward needs (mask, rotary embeddings, ...).
+2. For each layer, on the compute device: run its attention half with a hook on o_proj's input, let the
+   method decide which heads go, write the compensated o_proj; run its attention and FFN halves with a
+   hook on down_proj's input, let the method decide which channels go, write down_proj; shrink the
+   layer physically; run the pruned layer to get the next layer's inputs.
+Only the layer being pruned is on the compute device; activations can stay on the CPU (``offload``).
+Each finished layer can be checkpointed, and an interrupted run resumed bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from slimgpt.adapters import LayerSizes, ModelAdapter, get_adapter, head_columns
+from slimgpt.config import PruneConfig
+from slimgpt.errors import ConfigError, DataError
+from slimgpt.methods import Decision, PruneJob, get_method
+from slimgpt.modeling import FAMILIES, slim_config_from
+from slimgpt.report import LayerReport, PruneReport
+from slimgpt.solver.hessian import InputStatistics
+from slimgpt.solver.obs import reconstruction_error
+from slimgpt.solver.schedule import LayerGeometry, SchedulePlan, plan_schedule
+
+logger = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised by the layer-0 hook to stop the model's forward once the inputs are captured."""
+
+    def __init__(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.kwargs = kwargs
+
+
+# --- geometry and parameter counting -----------------------------------------------------------------
+
+def linear_params(linear: nn.Linear) -> int:
+    return linear.weight.numel() + (linear.bias.numel() if linear.bias is not None else 0)
+
+
+def layer_params(layer: nn.Module) -> int:
+    return sum(p.numel() for p in layer.parameters())
+
+
+def decoder_params(model: nn.Module, adapter: ModelAdapter) -> int:
+    return sum(layer_params(layer) for layer in adapter.decoder_layers(model))
+
+
+def attention_units(adapter: ModelAdapter, sizes: LayerSizes, policy: str) -> tuple[torch.Tensor, list[list[int]] | None, str]:
+    """The removable attention units of a layer as groups of o_proj columns.
+
+    MHA: one unit per head. GQA kv-group: one unit per KV group (all its query heads). GQA query-heads:
+    one unit per query head, bucketed by KV group so every group loses the same number.
+    Returns (units [n_units, g], buckets, kind).
+    """
+    hd = adapter.head_dim
+    group = sizes.n_heads // sizes.n_kv_heads
+    heads = torch.arange(sizes.n_heads)
+    if group == 1:
+        return head_columns(heads, hd).view(sizes.n_heads, hd), None, "head"
+    if policy == "kv-group":
+        return head_columns(heads, hd).view(sizes.n_kv_heads, group * hd), None, "kv-group"
+    buckets = [list(range(g * group, (g + 1) * group)) for g in range(sizes.n_kv_heads)]
+    return head_columns(heads, hd).view(sizes.n_heads, hd), buckets, "query-head"
+
+
+def layer_geometry(adapter: ModelAdapter, layer: nn.Module, policy: str) -> LayerGeometry:
+    """How many units a layer has and how many parameters each one removes."""
+    sizes = adapter.layer_sizes(layer)
+    hd, d = adapter.head_dim, adapter.hidden_size
+    q, k, v = adapter.attn_inputs(layer)
+    q_per_head = hd * (d + (q.bias is not None))
+    kv_per_head = hd * (2 * d + (k.bias is not None) + (v.bias is not None))
+    o_per_head = hd * d
+    group = sizes.n_heads // sizes.n_kv_heads
+    if group == 1:
+        units, per_unit = sizes.n_heads, q_per_head + kv_per_head + o_per_head
+    elif policy == "kv-group":
+        units, per_unit = sizes.n_kv_heads, group * (q_per_head + o_per_head) + kv_per_head
+    else:  # one query head from every group per unit
+        units, per_unit = group, sizes.n_kv_heads * (q_per_head + o_per_head)
+    per_channel = sum(m.in_features + (m.bias is not None) for m in adapter.mlp_inputs(layer))
+    per_channel += adapter.mlp_output(layer).out_features
+    return LayerGeometry(units, per_unit, sizes.ffn_dim, per_channel, layer_params(layer))
+
+
+def plan(model: nn.Module, config: PruneConfig) -> SchedulePlan:
+    """The per-layer schedule that removes ``config.ratio`` of the decoder parameters."""
+    adapter = get_adapter(model.config)
+    geometries = [layer_geometry(adapter, layer, config.gqa_policy) for layer in adapter.decoder_layers(model)]
+    return plan_schedule(geometries, config.ratio, config.schedule, config.first_ratio, config.first_fraction,
+                         config.round_to)
+
+
+# --- memory and timing --------------------------------------------------------------------------------
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes: CUDA max allocated on a GPU, else this process's peak resident set size."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class _Stopwatch:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str, device: torch.device) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+# --- capture ---------------------------------------------------------------------------------------------
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    return value
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, adapter: ModelAdapter, windows: torch.Tensor, batch_size: int,
+                         device: torch.device, store: torch.device) -> tuple[torch.Tensor, dict[int, dict[str, Any]]]:
+    """Inputs of decoder layer 0 for every window, and the layer kwargs for each batch size.
+
+    Everything before the first layer (embeddings, rotary tables, position embeddings) moves to
+    ``device`` for this pass; the decoder layers stay where they are: a hook on layer 0 stops the
+    forward with a private exception before any layer runs.
+    """
+    layers = adapter.decoder_layers(model)
+    decoder = model.get_decoder()  # type: ignore[operator]
+    others = [m for name, m in decoder.named_children() if name != "layers"]
+    homes = [next(iter(m.parameters()), torch.empty(0)).device for m in others]
+    for module in others:
+        module.to(device)
+
+    def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        raise _StopForward(hidden, kwargs)
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    n, seqlen = windows.shape
+    hidden_all: torch.Tensor | None = None
+    kwargs_by_size: dict[int, dict[str, Any]] = {}
+    try:
+        for start in range(0, n, batch_size):
+            batch = windows[start:start + batch_size].to(device)
+            try:
+                decoder(input_ids=batch, use_cache=False)
+            except _StopForward as stop:
+                if hidden_all is None:
+                    hidden_all = torch.empty((n, seqlen, stop.hidden.shape[-1]), dtype=stop.hidden.dtype,
+                                             device=store)
+                hidden_all[start:start + len(batch)] = stop.hidden.to(store)
+                if len(batch) not in kwargs_by_size:
+                    kwargs = {k: v for k, v in stop.kwargs.items() if k not in ("past_key_values", "use_cache")}
+                    kwargs_by_size[len(batch)] = kwargs
+            else:  # pragma: no cover - the hook always fires
+                raise RuntimeError("the layer-0 hook did not fire")
+    finally:
+        handle.remove()
+        for module, home in zip(others, homes, strict=True):
+            module.to(home)
+    assert hidden_all is not None
+    return hidden_all, kwargs_by_size
+
+
+@contextmanager
+def _collect_inputs(linear: nn.Linear, stats: InputStatistics) -> Iterator[None]:
+    handle = linear.register_forward_pre_hook(lambda _m, args: stats.add(args[0]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------
+
+def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Checkpoint:
+    """Per-layer progress on disk: the pruned layers so far, the next layer's inputs, the report rows."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @property
+    def state_path(self) -> Path:
+        return self.directory / "state.json"
+
+    def exists(self) -> bool:
+        return self.state_path.exists()
+
+    def save(self, layer_index: int, layer: nn.Module, hidden: torch.Tensor, state: dict[str, Any]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        _atomic_save_tensors(layer.state_dict(), self.directory / f"layer_{layer_index}.safetensors")
+        _atomic_save_tensors({"hidden": hidden}, self.directory / "hidden.safetensors")
+        _atomic_write_text(json.dumps(state), self.state_path)  # last: it commits the layer
+
+    def load_state(self) -> dict[str, Any]:
+        return json.loads(self.state_path.read_text())  # type: ignore[no-any-return]
+
+    def restore_layer(self, index: int, layer: nn.Module, adapter: ModelAdapter, sizes: LayerSizes) -> None:
+        adapter.resize_layer(layer, sizes)
+        state = load_file(str(self.directory / f"layer_{index}.safetensors"))
+        layer.load_state_dict(state)
+
+    def hidden(self) -> torch.Tensor:
+        return load_file(str(self.directory / "hidden.safetensors"))["hidden"]
+
+
+# --- the driver --------------------------------------------------------------------------------------------
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    from slimgpt import __version__
+
+    return {"slimgpt": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _units_to_heads(removed_units: list[int], unit_kind: str, sizes: LayerSizes) -> set[int]:
+    group = sizes.n_heads // sizes.n_kv_heads
+    if unit_kind == "kv-group":
+        return {u * group + j for u in removed_units for j in range(group)}
+    return set(removed_units)
+
+
+def _write_weight(linear: nn.Linear, decision: Decision) -> None:
+    linear.weight.data.copy_(decision.weight.to(linear.weight.dtype))
+    if decision.bias_delta is not None:
+        if linear.bias is None:
+            raise ConfigError("this method adds an output bias, which this model's layer has no room for")
+        linear.bias.data.add_(decision.bias_delta.to(linear.bias.dtype))
+
+
+@torch.no_grad()
+def prune_model(
+    model: nn.Module,
+    config: PruneConfig,
+    calibration: torch.Tensor | None = None,
+    tokenizer: Any = None,
+    *,
+    compact: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    model_name: str = "",
+    progress: bool = True,
+    stop_after_layer: int | None = None,
+) -> PruneReport:
+    """Prune ``model`` in place with ``config``; returns the report.
+
+    calibration: [nsamples, seqlen] token ids; if None they are drawn from ``config.calib`` with
+    ``tokenizer``. compact=False leaves removed heads/channels zero-masked at full shape (for checks).
+    stop_after_layer: stop after pruning that layer (tests use it to simulate a crash).
+    """
+    adapter = get_adapter(model.config)
+    method = get_method(config)
+    device = torch.device(config.device)
+    store = torch.device("cpu") if config.offload else device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    schedule = plan(model, config)
+    layers = adapter.decoder_layers(model)
+    watch = _Stopwatch()
+
+    if calibration is None and method.needs_data:
+        if tokenizer is None:
+            raise ConfigError("calibration data is needed: pass calibration token ids or a tokenizer")
+        from slimgpt.data import calibration_windows
+
+        calibration = calibration_windows(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
+    if calibration is not None:
+        if calibration.ndim != 2 or calibration.shape[0] < 1:
+            raise DataError(f"calibration ids must be [nsamples, seqlen], got shape {tuple(calibration.shape)}")
+        calibration = calibration.long()
+
+    params_before = decoder_params(model, adapter)
+    total_before = sum(p.numel() for p in model.parameters())
+    logger.info("schedule %s: per-layer ratios %s; target %.2f%%, realised %.2f%% of decoder parameters",
+                schedule.schedule, [round(p.ratio, 4) for p in schedule.layers], 100 * schedule.target_ratio,
+                100 * schedule.realised_ratio)
+
+    checkpoint = Checkpoint(Path(checkpoint_dir)) if checkpoint_dir else None
+    rows: list[LayerReport] = []
+    first_layer = 0
+    hidden: torch.Tensor | None = None
+    if checkpoint and resume and checkpoint.exists():
+        state = checkpoint.load_state()
+        if state["config"] != config.to_dict():
+            raise ConfigError(f"the checkpoint in {checkpoint.directory} was made with other options: "
+                              "resume with the same options, or remove it to start over")
+        rows = [LayerReport(**r) for r in state["rows"]]
+        for row in rows:
+            sizes = LayerSizes(row.heads_kept, row.kv_heads_kept, row.ffn_kept)
+            checkpoint.restore_layer(row.layer, layers[row.layer], adapter, sizes)
+        watch.seconds = state["stage_seconds"]
+        first_layer = len(rows)
+        hidden = checkpoint.hidden().to(store)
+        logger.info("resuming after layer %d from %s", first_layer - 1, checkpoint.directory)
+
+    kwargs_by_size: dict[int, dict[str, Any]] = {}
+    if calibration is not None and first_layer < len(layers):
+        with watch.stage("calibration_forward", device):
+            captured, kwargs_by_size = capture_layer_inputs(model, adapter, calibration, config.batch_size,
+                                                            device, store)
+        hidden = hidden if hidden is not None else captured
+        del captured
+
+    bar = tqdm(range(first_layer, len(layers)), desc=f"{config.method} layers", disable=not progress)
+    for index in bar:
+        start = time.perf_counter()
+        layer = layers[index]
+        home = next(layer.parameters()).device
+        layer.to(device)
+        row = _prune_layer(index, layer, adapter, method, config, schedule, hidden, kwargs_by_size, device,
+                           watch, compact)
+        layer.to(home)
+        row.seconds = time.perf_counter() - start
+        row.peak_memory_bytes = peak_memory(device)
+        rows.append(row)
+        logger.info("layer %d: heads %d/%d, kv %d/%d, ffn %d/%d, o_proj err %s, down_proj err %s",
+                    index, row.heads_kept, row.heads_total, row.kv_heads_kept, row.kv_heads_total, row.ffn_kept,
+                    row.ffn_total, row.attn_error, row.ffn_error)
+        if checkpoint is not None and hidden is not None:
+            from dataclasses import asdict
+
+            checkpoint.save(index, layer, hidden, {"config": config.to_dict(), "rows": [asdict(r) for r in rows],
+                                                   "stage_seconds": watch.seconds})
+        if stop_after_layer is not None and index >= stop_after_layer:
+            break
+
+    if compact and len(rows) == len(layers):
+        _adopt_slim_config(model, adapter)
+    return PruneReport(
+        model=model_name or str(getattr(model.config, "_name_or_path", "")),
+        method=config.method,
+        config=config.to_dict(),
+        layers=rows,
+        decoder_params_before=params_before,
+        decoder_params_after=decoder_params(model, adapter) if compact
+        else params_before - schedule.params_removed,
+        total_params_before=total_before,
+        total_params_after=sum(p.numel() for p in model.parameters()),
+        target_ratio=config.ratio,
+        schedule={"name": schedule.schedule, "high": schedule.high, "low": schedule.low,
+                  "planned_ratio": schedule.realised_ratio, "ratios": [p.ratio for p in schedule.layers]},
+        calibration={"source": config.calib, "nsamples": int(calibration.shape[0]) if calibration is not None else 0,
+                     "seqlen": int(calibration.shape[1]) if calibration is not None else 0, "seed": config.seed},
+        stage_seconds=dict(watch.seconds),
+        peak_memory_bytes=peak_memory(device),
+        device=str(device),
+        versions=_versions(),
+    )
+
+
+def _run_batches(hidden: torch.Tensor, kwargs_by_size: dict[int, dict[str, Any]], batch_size: int,
+                 device: torch.device) -> Iterator[tuple[slice, torch.Tensor, dict[str, Any]]]:
+    for start in range(0, hidden.shape[0], batch_size):
+        part = slice(start, min(start + batch_size, hidden.shape[0]))
+        h = hidden[part].to(device)
+        yield part, h, {k: _to(v, device) for k, v in kwargs_by_size[h.shape[0]].items()}
+
+
+def _prune_layer(index: int, layer: nn.Module, adapter: ModelAdapter, method: Any, config: PruneConfig,
+                 schedule: SchedulePlan, hidden: torch.Tensor | None, kwargs_by_size: dict[int, dict[str, Any]],
+                 device: torch.device, watch: _Stopwatch, compact: bool) -> LayerReport:
+    sizes = adapter.layer_sizes(layer)
+    layer_plan = schedule.layers[index]
+    params_before = layer_params(layer)
+    o_proj, down_proj = adapter.attn_output(layer), adapter.mlp_output(layer)
+    use_data = hidden is not None
+
+    # Attention: statistics of o_proj's inputs, then the method's decision.
+    attn_stats = InputStatistics(o_proj.in_features, device) if use_data else None
+    if use_data and layer_plan.attn_units_removed:
+        assert hidden is not None and attn_stats is not None
+        with watch.stage("hessians", device), _collect_inputs(o_proj, attn_stats):
+            for _, h, kw in _run_batches(hidden, kwargs_by_size, config.batch_size, device):
+                adapter.attention_block(layer, h, kw)
+    units, buckets, unit_kind = attention_units(adapter, sizes, config.gqa_policy)
+    W_o = o_proj.weight.detach().to(torch.float32, copy=True)
+    with watch.stage("solve", device):
+        attn = method.prune_attention(PruneJob(W_o.clone(), attn_stats, units, layer_plan.attn_units_removed,
+                                               buckets))
+    _write_weight(o_proj, attn)
+    removed_heads = _units_to_heads(attn.removed_units, unit_kind, sizes)
+    keep_heads = torch.tensor([h for h in range(sizes.n_heads) if h not in removed_heads], dtype=torch.long)
+
+    # FFN: statistics of down_proj's inputs with the pruned attention in place.
+    ffn_stats = InputStatistics(down_proj.in_features, device) if use_data else None
+    if use_data and layer_plan.channels_removed:
+        assert hidden is not None and ffn_stats is not None
+        with watch.stage("hessians", device), _collect_inputs(down_proj, ffn_stats):
+            for _, h, kw in _run_batches(hidden, kwargs_by_size, config.batch_size, device):
+                adapter.mlp_block(layer, adapter.attention_block(layer, h, kw))
+    W_down = down_proj.weight.detach().to(torch.float32, copy=True)
+    channel_units = torch.arange(sizes.ffn_dim).view(-1, 1)
+    with watch.stage("solve", device):
+        ffn = method.prune_ffn(PruneJob(W_down.clone(), ffn_stats, channel_units, layer_plan.channels_removed))
+    _write_weight(down_proj, ffn)
+    removed_channels = set(ffn.removed_units)
+    keep_channels = torch.tensor([c for c in range(sizes.ffn_dim) if c not in removed_channels], dtype=torch.long)
+
+    row = LayerReport(
+        layer=index, ratio=layer_plan.ratio, heads_kept=len(keep_heads), heads_total=sizes.n_heads,
+        kv_heads_kept=len((keep_heads // (sizes.n_heads // sizes.n_kv_heads)).unique()),
+        kv_heads_total=sizes.n_kv_heads, ffn_kept=len(keep_channels), ffn_total=sizes.ffn_dim,
+        params_before=params_before, params_after=params_before - layer_plan.params_removed,
+        kept_heads=keep_heads.tolist(), kept_channels=keep_channels.tolist(),
+    )
+    _record_errors(row, W_o, attn, attn_stats, units, W_down, ffn, ffn_stats)
+
+    if compact:
+        adapter.shrink_layer(layer, keep_heads, keep_channels)
+        row.params_after = layer_params(layer)
+    if use_data:
+        assert hidden is not None
+        with watch.stage("propagation", device):
+            for part, h, kw in _run_batches(hidden, kwargs_by_size, config.batch_size, device):
+                hidden[part] = adapter.mlp_block(layer, adapter.attention_block(layer, h, kw)).to(hidden.device)
+    return row
+
+
+def _record_errors(row: LayerReport, W_o: torch.Tensor, attn: Decision, attn_stats: InputStatistics | None,
+                   units: torch.Tensor, W_down: torch.Tensor, ffn: Decision, ffn_stats: InputStatistics | None) -> None:
+    """Layer-wise output error of o_proj and down_proj, with the method's weights and with plain dropping."""
+    if attn_stats is not None and attn_stats.tokens and attn.removed_units:
+        dropped = W_o.clone()
+        dropped[:, units[attn.removed_units].flatten()] = 0
+        row.attn_error = reconstruction_error(W_o, attn.weight, attn_stats.hessian)
+        row.attn_error_uncompensated = reconstruction_error(W_o, dropped, attn_stats.hessian)
+    if ffn_stats is not None and ffn_stats.tokens and ffn.removed_units:
+        dropped = W_down.clone()
+        dropped[:, ffn.removed_units] = 0
+        row.ffn_error = reconstruction_error(W_down, ffn.weight, ffn_stats.hessian)
+        row.ffn_error_uncompensated = reconstruction_error(W_down, dropped, ffn_stats.hessian)
+
+
+def _adopt_slim_config(model: nn.Module, adapter: ModelAdapter) -> None:
+    """Give the pruned model its per-layer config and the matching slim class (same forward)."""
+    old = model.config
+    sizes = [adapter.layer_sizes(layer) for layer in adapter.decoder_layers(model)]
+    slim = slim_config_from(old, sizes)
+    for module in model.modules():
+        if getattr(module, "config", None) is old:
+            module.config = slim
+    model.__class__ = FAMILIES[slim.model_type.removeprefix("slimgpt_")][1]
