@@ -161,8 +161,8 @@ def main() -> None:
     record = {
         "model": args.model, "parameters": n_params, "architecture": ARCHITECTURES[args.model],
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "corpus": {"train_files": len(corpus.stdlib_files("train")), "train_tokens": int(len(train_tokens)),
-                   "heldout_tokens": int(len(heldout_tokens)), "python": platform.python_version()},
+        "corpus": {"train_files": len(corpus.stdlib_files("train")), "train_tokens": len(train_tokens),
+                   "heldout_tokens": len(heldout_tokens), "python": platform.python_version()},
         "torch": torch.__version__, "seconds": round(time.time() - start, 1), "curve": curve,
         "command": " ".join(["python", *sys.argv]),
     }

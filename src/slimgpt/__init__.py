@@ -2,10 +2,30 @@
 
 Importing slimgpt registers the ``slimgpt_<family>`` model types with transformers' Auto classes, so a
 pruned directory loads with ``AutoModelForCausalLM.from_pretrained``.
-"""
 
-from slimgpt.modeling import load_model, load_pruned
+    from slimgpt import PruneConfig, load_model, prune_model, save_pruned
+    model, tokenizer = load_model("tiny-mha")
+    report = prune_model(model, PruneConfig(ratio=0.2, calib="builtin"), tokenizer=tokenizer)
+    save_pruned(model, tokenizer, report, "out")
+"""
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_model", "load_pruned"]
+from slimgpt.config import PruneConfig
+from slimgpt.io import load_report, save_pruned
+from slimgpt.modeling import load_model, load_pruned
+from slimgpt.prune import plan, prune_model
+from slimgpt.report import LayerReport, PruneReport
+
+__all__ = [
+    "LayerReport",
+    "PruneConfig",
+    "PruneReport",
+    "__version__",
+    "load_model",
+    "load_pruned",
+    "load_report",
+    "plan",
+    "prune_model",
+    "save_pruned",
+]

@@ -29,12 +29,12 @@ class LayerSizes:
 def slice_linear(linear: nn.Linear, out_index: torch.Tensor | None = None,
                  in_index: torch.Tensor | None = None) -> nn.Linear:
     """A new Linear holding the selected output rows / input columns of ``linear`` (works on meta too)."""
-    weight = linear.weight
+    weight: torch.Tensor = linear.weight
     if out_index is not None:
         weight = weight[out_index.to(weight.device)]
     if in_index is not None:
         weight = weight[:, in_index.to(weight.device)]
-    bias = linear.bias
+    bias: torch.Tensor | None = linear.bias
     if bias is not None and out_index is not None:
         bias = bias[out_index.to(bias.device)]
     new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
@@ -42,6 +42,12 @@ def slice_linear(linear: nn.Linear, out_index: torch.Tensor | None = None,
     if bias is not None:
         new.bias = nn.Parameter(bias.detach().clone(), requires_grad=linear.weight.requires_grad)
     return new
+
+
+def _linear(layer: Any, path: str) -> nn.Linear:
+    module = layer.get_submodule(path)
+    assert isinstance(module, nn.Linear)
+    return module
 
 
 def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -65,41 +71,41 @@ class ModelAdapter:
         head_dim = getattr(self.config, "head_dim", None)
         return int(head_dim or self.config.hidden_size // self.config.num_attention_heads)
 
-    def layer_sizes(self, layer: nn.Module) -> LayerSizes:
+    def layer_sizes(self, layer: Any) -> LayerSizes:
         q, k, _ = self.attn_inputs(layer)
         return LayerSizes(q.out_features // self.head_dim, k.out_features // self.head_dim,
                           self.mlp_output(layer).in_features)
 
     # --- roles ---------------------------------------------------------------------------------------
-    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+    def decoder_layers(self, model: Any) -> nn.ModuleList:
         raise NotImplementedError  # pragma: no cover - abstract
 
-    def attention(self, layer: nn.Module) -> nn.Module:
+    def attention(self, layer: Any) -> Any:
         raise NotImplementedError  # pragma: no cover - abstract
 
-    def attn_inputs(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+    def attn_inputs(self, layer: Any) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
         attn = self.attention(layer)
         return attn.q_proj, attn.k_proj, attn.v_proj
 
-    def attn_output(self, layer: nn.Module) -> nn.Linear:
+    def attn_output(self, layer: Any) -> nn.Linear:
         raise NotImplementedError  # pragma: no cover - abstract
 
-    def mlp_inputs(self, layer: nn.Module) -> list[nn.Linear]:
+    def mlp_inputs(self, layer: Any) -> list[nn.Linear]:
         raise NotImplementedError  # pragma: no cover - abstract
 
-    def mlp_output(self, layer: nn.Module) -> nn.Linear:
+    def mlp_output(self, layer: Any) -> nn.Linear:
         raise NotImplementedError  # pragma: no cover - abstract
 
-    def attention_block(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    def attention_block(self, layer: Any, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         """The layer's first half: residual + attention(norm(hidden))."""
         raise NotImplementedError  # pragma: no cover - abstract
 
-    def mlp_block(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    def mlp_block(self, layer: Any, hidden: torch.Tensor) -> torch.Tensor:
         """The layer's second half: residual + mlp(norm(hidden))."""
         raise NotImplementedError  # pragma: no cover - abstract
 
     # --- surgery -------------------------------------------------------------------------------------
-    def _set_linear(self, layer: nn.Module, path: str, linear: nn.Linear) -> None:
+    def _set_linear(self, layer: Any, path: str, linear: nn.Linear) -> None:
         parent_path, _, name = path.rpartition(".")
         setattr(layer.get_submodule(parent_path) if parent_path else layer, name, linear)
 
@@ -107,7 +113,7 @@ class ModelAdapter:
         """Attribute paths (relative to a decoder layer) of q, k, v, o, the FFN inputs and output."""
         raise NotImplementedError  # pragma: no cover - abstract
 
-    def set_head_counts(self, layer: nn.Module, n_heads: int, n_kv_heads: int) -> None:
+    def set_head_counts(self, layer: Any, n_heads: int, n_kv_heads: int) -> None:
         """Tell the attention module its new head counts (the eager/SDPA paths read these)."""
         attn = self.attention(layer)
         attn.num_key_value_groups = n_heads // n_kv_heads
@@ -115,7 +121,7 @@ class ModelAdapter:
             if hasattr(attn, name):
                 setattr(attn, name, value)
 
-    def shrink_layer(self, layer: nn.Module, keep_heads: torch.Tensor, keep_channels: torch.Tensor) -> None:
+    def shrink_layer(self, layer: Any, keep_heads: torch.Tensor, keep_channels: torch.Tensor) -> None:
         """Physically keep only ``keep_heads`` (query-head indices) and ``keep_channels`` (FFN channels).
 
         KV heads are kept when any of their query heads is kept; every kept KV group must keep the same
@@ -134,15 +140,15 @@ class ModelAdapter:
         q_cols = head_columns(keep_heads, self.head_dim)
         kv_cols = head_columns(keep_kv, self.head_dim)
         for role, rows in (("q", q_cols), ("k", kv_cols), ("v", kv_cols)):
-            self._set_linear(layer, paths[role], slice_linear(layer.get_submodule(paths[role]), out_index=rows))
-        self._set_linear(layer, paths["o"], slice_linear(layer.get_submodule(paths["o"]), in_index=q_cols))
+            self._set_linear(layer, paths[role], slice_linear(_linear(layer, paths[role]), out_index=rows))
+        self._set_linear(layer, paths["o"], slice_linear(_linear(layer, paths["o"]), in_index=q_cols))
         for path in paths["mlp_in"].split(","):
-            self._set_linear(layer, path, slice_linear(layer.get_submodule(path), out_index=keep_channels))
+            self._set_linear(layer, path, slice_linear(_linear(layer, path), out_index=keep_channels))
         self._set_linear(layer, paths["mlp_out"],
-                         slice_linear(layer.get_submodule(paths["mlp_out"]), in_index=keep_channels))
+                         slice_linear(_linear(layer, paths["mlp_out"]), in_index=keep_channels))
         self.set_head_counts(layer, len(keep_heads), max(len(keep_kv), 1))
 
-    def resize_layer(self, layer: nn.Module, sizes: LayerSizes) -> None:
+    def resize_layer(self, layer: Any, sizes: LayerSizes) -> None:
         """Shape a freshly built layer to ``sizes`` (weights are loaded afterwards)."""
         full = self.layer_sizes(layer)
         group = sizes.n_heads // max(sizes.n_kv_heads, 1)
@@ -155,62 +161,62 @@ class ModelAdapter:
 class LlamaLikeAdapter(ModelAdapter):
     """LLaMA 1/2/3, Vicuna, Mistral, Qwen2: pre-norm RMSNorm, rotary, gated SiLU FFN."""
 
-    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        return model.get_decoder().layers  # type: ignore[operator]
+    def decoder_layers(self, model: Any) -> nn.ModuleList:
+        return model.get_decoder().layers
 
-    def attention(self, layer: nn.Module) -> nn.Module:
-        return layer.self_attn  # type: ignore[return-value]
+    def attention(self, layer: Any) -> Any:
+        return layer.self_attn
 
-    def attn_output(self, layer: nn.Module) -> nn.Linear:
-        return layer.self_attn.o_proj  # type: ignore[union-attr,return-value]
+    def attn_output(self, layer: Any) -> nn.Linear:
+        return layer.self_attn.o_proj
 
-    def mlp_inputs(self, layer: nn.Module) -> list[nn.Linear]:
-        return [layer.mlp.gate_proj, layer.mlp.up_proj]  # type: ignore[union-attr,list-item]
+    def mlp_inputs(self, layer: Any) -> list[nn.Linear]:
+        return [layer.mlp.gate_proj, layer.mlp.up_proj]
 
-    def mlp_output(self, layer: nn.Module) -> nn.Linear:
-        return layer.mlp.down_proj  # type: ignore[union-attr,return-value]
+    def mlp_output(self, layer: Any) -> nn.Linear:
+        return layer.mlp.down_proj
 
     def _linear_paths(self) -> dict[str, str]:
         return {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
                 "o": "self_attn.o_proj", "mlp_in": "mlp.gate_proj,mlp.up_proj", "mlp_out": "mlp.down_proj"}
 
-    def attention_block(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    def attention_block(self, layer: Any, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         attn_out, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), **kwargs)
         return hidden + attn_out
 
-    def mlp_block(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    def mlp_block(self, layer: Any, hidden: torch.Tensor) -> torch.Tensor:
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
 class OPTAdapter(ModelAdapter):
     """OPT: LayerNorm, biases everywhere, fc1/fc2 with ReLU, learned positions."""
 
-    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        return model.get_decoder().layers  # type: ignore[operator]
+    def decoder_layers(self, model: Any) -> nn.ModuleList:
+        return model.get_decoder().layers
 
-    def attention(self, layer: nn.Module) -> nn.Module:
-        return layer.self_attn  # type: ignore[return-value]
+    def attention(self, layer: Any) -> Any:
+        return layer.self_attn
 
-    def attn_output(self, layer: nn.Module) -> nn.Linear:
-        return layer.self_attn.out_proj  # type: ignore[union-attr,return-value]
+    def attn_output(self, layer: Any) -> nn.Linear:
+        return layer.self_attn.out_proj
 
-    def mlp_inputs(self, layer: nn.Module) -> list[nn.Linear]:
-        return [layer.fc1]  # type: ignore[list-item]
+    def mlp_inputs(self, layer: Any) -> list[nn.Linear]:
+        return [layer.fc1]
 
-    def mlp_output(self, layer: nn.Module) -> nn.Linear:
-        return layer.fc2  # type: ignore[return-value]
+    def mlp_output(self, layer: Any) -> nn.Linear:
+        return layer.fc2
 
     def _linear_paths(self) -> dict[str, str]:
         return {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
                 "o": "self_attn.out_proj", "mlp_in": "fc1", "mlp_out": "fc2"}
 
-    def attention_block(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    def attention_block(self, layer: Any, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         x = layer.self_attn_layer_norm(hidden) if layer.do_layer_norm_before else hidden
         attn_out, _ = layer.self_attn(hidden_states=x, **kwargs)
         out = hidden + attn_out
         return out if layer.do_layer_norm_before else layer.self_attn_layer_norm(out)
 
-    def mlp_block(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    def mlp_block(self, layer: Any, hidden: torch.Tensor) -> torch.Tensor:
         x = layer.final_layer_norm(hidden) if layer.do_layer_norm_before else hidden
         out = hidden + layer.fc2(layer.activation_fn(layer.fc1(x)))
         return out if layer.do_layer_norm_before else layer.final_layer_norm(out)

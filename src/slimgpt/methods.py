@@ -14,7 +14,7 @@ import torch
 
 from slimgpt.config import PruneConfig
 from slimgpt.solver.hessian import InputStatistics, prepare_hessian
-from slimgpt.solver.obs import make_solver
+from slimgpt.solver.obs import _Solver, make_solver
 from slimgpt.solver.structured import greedy_remove_units, group_sizes, remove_channels
 
 
@@ -61,7 +61,7 @@ class SlimGPTMethod:
     def __init__(self, config: PruneConfig) -> None:
         self.config = config
 
-    def _solver(self, job: PruneJob):  # type: ignore[no-untyped-def]
+    def _solver(self, job: PruneJob) -> _Solver:
         assert job.stats is not None
         weight = job.weight.clone()
         H = prepare_hessian(job.stats.hessian, weight, self.config.percdamp)
@@ -86,4 +86,5 @@ class SlimGPTMethod:
 
 def get_method(config: PruneConfig) -> LayerMethod:
     methods: dict[str, type] = {"slimgpt": SlimGPTMethod}
-    return methods[config.method](config)  # type: ignore[no-any-return]
+    method: LayerMethod = methods[config.method](config)
+    return method

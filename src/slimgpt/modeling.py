@@ -68,7 +68,7 @@ class _SlimModelMixin:
 
 
 def _make_family(base_config: type[PretrainedConfig], base_model: type[PreTrainedModel], family: str,
-                 head_dim_field: bool) -> tuple[type, type]:
+                 head_dim_field: bool) -> tuple[Any, Any]:
     model_type = f"slimgpt_{family}"
     namespace: dict[str, Any] = {
         "model_type": model_type,
@@ -82,7 +82,7 @@ def _make_family(base_config: type[PretrainedConfig], base_model: type[PreTraine
         "layer_intermediate_sizes": None,
         "__module__": __name__,
     }
-    config_cls = strict(type(f"Slim{base_config.__name__}", (SlimConfigMixin, base_config), namespace))
+    config_cls: Any = strict(type(f"Slim{base_config.__name__}", (SlimConfigMixin, base_config), namespace))
 
     def __init__(self: Any, config: Any) -> None:
         base_model.__init__(self, config)
@@ -96,7 +96,7 @@ def _make_family(base_config: type[PretrainedConfig], base_model: type[PreTraine
     return config_cls, model_cls
 
 
-FAMILIES: dict[str, tuple[type, type]] = {
+FAMILIES: dict[str, tuple[Any, Any]] = {
     "llama": _make_family(LlamaConfig, LlamaForCausalLM, "llama", True),
     "mistral": _make_family(MistralConfig, MistralForCausalLM, "mistral", True),
     "qwen2": _make_family(Qwen2Config, Qwen2ForCausalLM, "qwen2", True),
@@ -169,7 +169,7 @@ def load_model(name_or_path: str, *, dtype: torch.dtype | str | None = None, dev
                               "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model: Any = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

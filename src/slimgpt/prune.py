@@ -40,7 +40,7 @@ from slimgpt.solver.schedule import LayerGeometry, SchedulePlan, plan_schedule
 logger = logging.getLogger(__name__)
 
 
-class _StopForward(Exception):  # noqa: N818 - a control-flow signal, not an error
+class _StopForward(Exception):
     """Raised by the layer-0 hook to stop the model's forward once the inputs are captured."""
 
     def __init__(self, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
@@ -63,7 +63,9 @@ def decoder_params(model: nn.Module, adapter: ModelAdapter) -> int:
     return sum(layer_params(layer) for layer in adapter.decoder_layers(model))
 
 
-def attention_units(adapter: ModelAdapter, sizes: LayerSizes, policy: str) -> tuple[torch.Tensor, list[list[int]] | None, str]:
+def attention_units(
+    adapter: ModelAdapter, sizes: LayerSizes, policy: str
+) -> tuple[torch.Tensor, list[list[int]] | None, str]:
     """The removable attention units of a layer as groups of o_proj columns.
 
     MHA: one unit per head. GQA kv-group: one unit per KV group (all its query heads). GQA query-heads:
@@ -233,7 +235,8 @@ class Checkpoint:
         _atomic_write_text(json.dumps(state), self.state_path)  # last: it commits the layer
 
     def load_state(self) -> dict[str, Any]:
-        return json.loads(self.state_path.read_text())  # type: ignore[no-any-return]
+        state: dict[str, Any] = json.loads(self.state_path.read_text())
+        return state
 
     def restore_layer(self, index: int, layer: nn.Module, adapter: ModelAdapter, sizes: LayerSizes) -> None:
         adapter.resize_layer(layer, sizes)
@@ -472,7 +475,7 @@ def _record_errors(row: LayerReport, W_o: torch.Tensor, attn: Decision, attn_sta
         row.ffn_error_uncompensated = reconstruction_error(W_down, dropped, ffn_stats.hessian)
 
 
-def _adopt_slim_config(model: nn.Module, adapter: ModelAdapter) -> None:
+def _adopt_slim_config(model: Any, adapter: ModelAdapter) -> None:
     """Give the pruned model its per-layer config and the matching slim class (same forward)."""
     old = model.config
     sizes = [adapter.layer_sizes(layer) for layer in adapter.decoder_layers(model)]

@@ -9,7 +9,12 @@ from typing import Any
 
 import torch
 
-from slimgpt.evaluation.perplexity import PerplexityResult, evaluate_perplexity
+from slimgpt.evaluation.perplexity import (
+    PerplexityResult,
+    evaluate_perplexity,
+    model_context,
+    window_protocol,
+)
 from slimgpt.evaluation.plots import plot_kept_ratio, plot_ppl_vs_ratio
 from slimgpt.evaluation.report import EvalReport, LayerWidths, library_versions
 from slimgpt.evaluation.speed import SpeedResult, count_parameters, measure_speed, weight_bytes
@@ -79,8 +84,15 @@ def evaluate_model(
     suite = tasks if isinstance(tasks, TaskSuite) else (load_tasks(tasks, tasks_dir) if tasks else None)
 
     perplexities: list[PerplexityResult] = []
+    context = model_context(model)
     for dataset in ppl_datasets:
+        measured: set[int] = set()
         for seqlen in seqlens:
+            used, protocol = window_protocol(seqlen, context)
+            if used in measured:  # two requests clipped to the same model context: same number
+                logger.info("%s: skipping %s, already measured at %d tokens", dataset, protocol, used)
+                continue
+            measured.add(used)
             result = evaluate_perplexity(
                 model,
                 tokenizer,

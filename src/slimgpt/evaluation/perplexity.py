@@ -103,7 +103,8 @@ def window_nll_sum(logits: torch.Tensor, window: torch.Tensor, chunk: int = LOSS
         stop = min(start + chunk, n_predicted)
         block = logits[start:stop].float()  # [stop - start, vocab]
         targets = window[start + 1 : stop + 1]  # [stop - start]
-        total += float(F.cross_entropy(block, targets, reduction="sum").double())
+        # per-token NLL in float32, summed in float64 so the result does not depend on the chunking
+        total += float(F.cross_entropy(block, targets, reduction="none").double().sum())
     return total
 
 
@@ -144,7 +145,10 @@ def perplexity(
         model.train(was_training)
     mean_nll = nll_sum / n_predicted
     logger.debug("perplexity: mean NLL %.6f over %d tokens", mean_nll, n_predicted)
-    return math.exp(mean_nll)
+    if not math.isfinite(mean_nll):
+        logger.warning("perplexity: the loss is not finite (NaN/inf logits?); try --dtype float32")
+    # exp overflows a float above ~709; such a model is broken and reads as inf
+    return math.exp(mean_nll) if mean_nll < 700 else math.inf
 
 
 def evaluate_perplexity(

@@ -11,6 +11,7 @@ backend or figure registry of the caller.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,24 @@ def _save(figure: Any, path: str | Path) -> Path:
     return target
 
 
+def _plain_log_labels(axes: Any, values: Sequence[float]) -> None:
+    """Label a log axis 20, 30, 50 rather than 2x10^1: perplexities are read as plain numbers.
+
+    Over a narrow range every minor tick gets a label; over more than about a decade only 1, 2, 5
+    times a power of ten do, so the labels never overlap.
+    """
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    formatter = FuncFormatter(lambda value, _: f"{value:g}")
+    axes.yaxis.set_major_formatter(formatter)
+    positive = [value for value in values if value > 0]
+    if positive and math.log10(max(positive) / min(positive)) <= 1.0:
+        axes.yaxis.set_minor_formatter(formatter)
+    else:
+        axes.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axes.yaxis.set_minor_formatter(NullFormatter())
+
+
 def plot_kept_ratio(layers: Sequence[Mapping[str, int]], path: str | Path, title: str | None = None) -> Path:
     """Bar chart of the fraction of heads and FFN channels kept in each layer (paper Fig. 4).
 
@@ -55,11 +74,12 @@ def plot_kept_ratio(layers: Sequence[Mapping[str, int]], path: str | Path, title
     axes.bar([i + width / 2 for i in index], ffn, width, label="FFN channels", color="#DD8452")
     axes.set_xlabel("layer")
     axes.set_ylabel("fraction kept")
-    axes.set_ylim(0, 1.05)
+    axes.set_ylim(0, 1.15)  # headroom above 1.0 for the legend
+    axes.set_yticks([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
     axes.set_xticks(index)
     axes.tick_params(axis="x", labelsize=8 if len(index) > 24 else 10)
     axes.grid(axis="y", alpha=0.3)
-    axes.legend(loc="lower right")
+    axes.legend(loc="upper right", ncols=2)
     axes.set_title(title or "Kept ratio per layer")
     return _save(figure, path)
 
@@ -114,6 +134,7 @@ def plot_ppl_vs_ratio(
             [100 * ratio for ratio, _ in ordered], [ppl for _, ppl in ordered], marker="o", label=method
         )
     axes.set_yscale("log")
+    _plain_log_labels(axes, [ppl for points in curves.values() for _, ppl in points])
     axes.set_xlabel("pruning ratio (% of parameters removed)")
     axes.set_ylabel(f"perplexity{f' ({dataset})' if dataset else ''}")
     axes.grid(alpha=0.3, which="both")

@@ -87,7 +87,8 @@ class EvalReport:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+        # A broken model's perplexity can be inf or NaN; Python's json writes and reads those back.
+        return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EvalReport:
@@ -234,7 +235,7 @@ def render_markdown(report: EvalReport) -> str:
         if zs.average is not None:
             rows.append(
                 [
-                    f"**average** ({len(zs.average_tasks)} tasks)",
+                    f"**average** ({len(zs.average_tasks)} task{'s' if len(zs.average_tasks) != 1 else ''})",
                     "",
                     format_percent(zs.average_acc),
                     format_percent(zs.average),

@@ -7,6 +7,21 @@ task YAMLs whose datasets are local files.
 
 Papers disagree on acc vs acc_norm (peers.md, complaint 5), so both are kept per task and the average
 names its convention.
+
+A local task for ``--tasks-dir`` is a stock lm-eval YAML whose dataset is a local file; ``data_files``
+must be an absolute path (lm-eval does not resolve it against the YAML's folder)::
+
+    task: piqa
+    dataset_path: json
+    dataset_kwargs:
+      data_files:
+        validation: /data/piqa/valid.jsonl
+    output_type: multiple_choice
+    validation_split: validation
+    doc_to_text: "Question: {{goal}}\nAnswer:"
+    doc_to_target: label
+    doc_to_choice: "{{[sol1, sol2]}}"
+    metric_list: [{metric: acc}, {metric: acc_norm}]
 """
 
 from __future__ import annotations
@@ -195,11 +210,11 @@ def load_tasks(names: Sequence[str], tasks_dir: str | Path | None = None) -> Tas
 
 def _load_one(manager: Any, name: str, tasks_dir: str | Path | None) -> dict[str, Any]:
     """Load one task, turning lm-eval's and `datasets`' exceptions into one-line DataErrors."""
-    try:
-        return dict(manager.load([name]))
-    except KeyError as error:
+    if name not in manager.all_tasks:
         where = f"in --tasks-dir {tasks_dir}" if tasks_dir is not None else "among lm-eval's stock tasks"
-        raise DataError(f"unknown zero-shot task {name!r} {where}") from error
+        raise DataError(f"unknown zero-shot task {name!r} {where}")
+    try:
+        loaded = dict(manager.load([name]))
     except (ConnectionError, OSError) as error:
         # `datasets` raises ConnectionError offline and FileNotFoundError (an OSError, as is
         # DatasetNotFoundError) for a missing local file or an uncached Hub dataset.
@@ -209,8 +224,21 @@ def _load_one(manager: Any, name: str, tasks_dir: str | Path | None) -> dict[str
                 "reached (offline?): pass --tasks-dir DIR with local task YAMLs, or go online"
             ) from error
         raise DataError(
-            f"zero-shot task {name!r} in {tasks_dir}: its data could not be loaded: {error}"
+            f"zero-shot task {name!r} in {tasks_dir}: its data could not be loaded: {_first_line(error)}"
         ) from error
+    except (KeyError, ValueError, TypeError) as error:  # a malformed YAML or a field missing from the data
+        raise DataError(f"zero-shot task {name!r} could not be built: {_first_line(error)}") from error
+    for task_name, task in loaded["tasks"].items():
+        if task.get_config("output_type") != "multiple_choice":
+            raise DataError(
+                f"zero-shot task {task_name!r} is not multiple-choice; slimgpt reports acc / acc_norm of "
+                "multiple-choice tasks only"
+            )
+    return loaded
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def zero_shot(
@@ -228,14 +256,16 @@ def zero_shot(
     fewshot: shots per task name; tasks not listed are zero-shot. MMLU is 5-shot by default.
     limit: evaluate only the first ``limit`` documents of each task (for quick checks only: the
         numbers are then not comparable with published ones).
-    The model stays on its device; lm-eval runs its forward passes there.
+    The model stays on its device; lm-eval runs its forward passes there. As with lm-eval's own CLI,
+    ``simple_evaluate`` seeds the global ``random``, numpy and torch generators (to lm-eval's defaults),
+    so that numbers match a stock lm-eval run.
     """
     lm_eval = _import_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
-    suite = tasks if isinstance(tasks, TaskSuite) else load_tasks(tasks, tasks_dir)
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {limit}")
+    suite = tasks if isinstance(tasks, TaskSuite) else load_tasks(tasks, tasks_dir)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
     # lm-eval's num_fewshot applies to a whole call, so tasks are run in one call per shot count.
@@ -274,9 +304,7 @@ def _parse_scores(output: Mapping[str, Any], name: str, suite: TaskSuite, shots:
     for task in reported:
         metrics = results[task]
         if "acc,none" not in metrics:
-            raise DataError(
-                f"zero-shot task {task!r} reports no 'acc' metric; only multiple-choice tasks are supported"
-            )
+            raise DataError(f"zero-shot task {task!r} reports no 'acc' metric: add acc to its metric_list")
         members = leaves if suite.is_group[name] else (task,)
         counted = [n_samples[leaf]["effective"] for leaf in members if leaf in n_samples]
         scores.append(

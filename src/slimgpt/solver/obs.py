@@ -44,8 +44,9 @@ class _Solver:
     """State of one weight being pruned: the (compensated) weight and which columns are gone."""
 
     def __init__(self, weight: torch.Tensor, hessian: torch.Tensor, compensate: bool) -> None:
-        self.weight = weight.to(torch.float32).clone()
-        self.hessian = hessian.to(torch.float32)
+        dtype = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 if given
+        self.weight = weight.to(dtype).clone()
+        self.hessian = hessian.to(dtype)
         self.compensate = compensate
         self.pruned = torch.zeros(weight.shape[1], dtype=torch.bool, device=weight.device)
 

@@ -86,6 +86,35 @@ def plan_layer(geometry: LayerGeometry, ratio: float, round_to: int = 1) -> Laye
     return LayerPlan(ratio, units, channels, params)
 
 
+def _absorb_remainder(plans: list[LayerPlan], geometries: list[LayerGeometry], goal: float,
+                      round_to: int) -> list[LayerPlan]:
+    """Move FFN channels between layers' plans so the total lands within one channel step of the goal.
+
+    Whole heads are coarse (and the uniform schedule moves every layer at once), so the bisection alone
+    can miss the target by several heads; channels are fine-grained. Steps go round-robin over the
+    layers, deepest first, so the schedule's shape is kept.
+    """
+    plans = list(plans)
+    step_params = [g.params_per_channel * round_to for g in geometries]
+    diff = goal - sum(p.params_removed for p in plans)
+    order = list(range(len(plans)))[::-1]
+    moved = True
+    while moved:
+        moved = False
+        for i in order:
+            g, p, step = geometries[i], plans[i], step_params[i]
+            if abs(diff) < step / 2:
+                return plans
+            direction = 1 if diff > 0 else -1
+            channels = p.channels_removed + direction * round_to
+            if not 0 <= channels <= g.ffn_channels - max(round_to, 1):
+                continue
+            plans[i] = LayerPlan(p.ratio, p.attn_units_removed, channels, p.params_removed + direction * step)
+            diff -= direction * step
+            moved = True
+    return plans
+
+
 def plan_schedule(
     geometries: list[LayerGeometry],
     target: float,
@@ -131,6 +160,7 @@ def plan_schedule(
     candidates = [build(lo), build(hi)]
     plans = min(candidates, key=lambda p: abs(removed(p) - goal))
     high = hi if plans is candidates[1] else lo
+    plans = _absorb_remainder(plans, geometries, goal, round_to)
     low = first_ratio if first_ratio is not None else high * first_fraction
     return SchedulePlan(
         layers=plans, target_ratio=target, realised_ratio=removed(plans) / total, high=high,

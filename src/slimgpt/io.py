@@ -1,0 +1,106 @@
+"""Saving pruned models: atomic, safetensors only, with a JSON report and a model card."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from slimgpt.errors import OutputExistsError
+from slimgpt.report import PruneReport
+
+
+def check_output(output: str | Path, overwrite: bool) -> Path:
+    """Fail before any work if ``output`` exists and overwriting was not asked for."""
+    path = Path(output)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"output {path} already exists: pass --overwrite to replace it, or another --output")
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"output {path} exists and is not a directory: choose another --output")
+    return path
+
+
+def write_atomic_dir(output: str | Path, fill: Any, overwrite: bool) -> Path:
+    """Create ``output`` by filling a temporary sibling directory, then renaming it into place.
+
+    A crash leaves either the old directory or the complete new one, never a half-written output.
+    """
+    path = check_output(output, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        fill(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / "x")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def model_card(report: PruneReport) -> str:
+    cfg, calib = report.config, report.calibration
+    ratios = ", ".join(f"{r:.3f}" for r in report.schedule["ratios"])
+    widths = "\n".join(
+        f"| {r.layer} | {r.heads_kept}/{r.heads_total} | {r.kv_heads_kept}/{r.kv_heads_total} | "
+        f"{r.ffn_kept}/{r.ffn_total} |" for r in report.layers
+    )
+    versions = ", ".join(f"{k} {v}" for k, v in report.versions.items())
+    return f"""---
+library_name: transformers
+tags: [slimgpt, pruned, structured-pruning]
+---
+# {Path(report.model).name or report.model} pruned with slimgpt ({report.method})
+
+Structured pruning: whole attention heads and FFN channels removed, surviving weights OBS-compensated
+(SlimGPT, Ling et al., NeurIPS 2024). Physically smaller: every layer has its own width.
+
+- Source model: `{report.model}`
+- Method: {report.method}; target {report.target_ratio:.1%} of decoder parameters,
+  realised {report.realised_ratio:.2%}
+- Decoder parameters: {report.decoder_params_before:,} -> {report.decoder_params_after:,};
+  all parameters: {report.total_params_before:,} -> {report.total_params_after:,}
+- Schedule: {report.schedule["name"]}; per-layer ratios: {ratios}
+- Calibration: {calib["source"]}, {calib["nsamples"]} x {calib["seqlen"]} tokens, seed {calib["seed"]}
+- Options: head score {cfg.get("head_score")}, compensation {cfg.get("compensate")},
+  FFN groups {cfg.get("group_schedule")}, GQA policy {cfg.get("gqa_policy")},
+  damping {cfg.get("percdamp")}, round-to {cfg.get("round_to")}
+- Versions: {versions}
+
+| layer | heads | kv heads | ffn |
+| ---: | ---: | ---: | ---: |
+{widths}
+
+## Loading
+```python
+import slimgpt  # registers the slimgpt_* model types
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("PATH")
+```
+The full report is in `slimgpt_report.json`.
+"""
+
+
+def save_pruned(model: Any, tokenizer: Any, report: PruneReport, output: str | Path, overwrite: bool = False) -> Path:
+    """Write the pruned model (safetensors), tokenizer, report JSON and model card, atomically."""
+
+    def fill(directory: Path) -> None:
+        model.save_pretrained(directory, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+        (directory / "slimgpt_report.json").write_text(report.to_json(with_indices=True))
+        (directory / "README.md").write_text(model_card(report))
+
+    return write_atomic_dir(output, fill, overwrite)
+
+
+def load_report(directory: str | Path) -> PruneReport:
+    return PruneReport.from_dict(json.loads((Path(directory) / "slimgpt_report.json").read_text()))
