@@ -37,8 +37,8 @@ from slimgpt.evaluation import (
     window_protocol,
 )
 from slimgpt.evaluation.cli import register
-from slimgpt.evaluation.perplexity import window_nll_sum
-from slimgpt.evaluation.zero_shot import summarise
+from slimgpt.evaluation.harness import summarise
+from slimgpt.evaluation.ppl import window_nll_sum
 
 VOCAB = 50
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -108,16 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--trust-remote-code", action="store_true")
     prune.add_argument("--json", default=None, help="also write the report JSON here")
     _add_prune_options(prune)
-    prune.set_defaults(handler=cmd_prune)
+    prune.set_defaults(func=cmd_prune)
 
     demo = sub.add_parser("demo", help="prune the built-in model at 20%% and 50%% and compare with dense")
     demo.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=[0.2, 0.5])
     demo.add_argument("--nsamples", type=int, default=64)
     demo.add_argument("--seqlen", type=int, default=512)
     demo.add_argument("--device", default="cpu")
-    demo.set_defaults(handler=cmd_demo)
+    demo.set_defaults(func=cmd_demo)
 
-    for module in ("slimgpt.evaluation.cli",):
+    for module in ("slimgpt.evaluation.cli", "slimgpt.finetune_cli", "slimgpt.export.cli"):
         try:
             register = __import__(module, fromlist=["register"]).register
         except ImportError:  # pragma: no cover - only while a subpackage is being developed
@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        result: Any = args.handler(args)
+        result: Any = args.func(args)
     except SlimGPTError as error:
         print(f"slimgpt: error: {error}", file=sys.stderr)
         return 2

@@ -8,11 +8,7 @@ Importing this package loads neither lm-eval nor matplotlib; they are imported w
 """
 
 from slimgpt.evaluation.evaluate import evaluate_model, layer_widths, realised_ratios, report_plots
-from slimgpt.evaluation.perplexity import PerplexityResult, evaluate_perplexity, perplexity, window_protocol
-from slimgpt.evaluation.plots import plot_kept_ratio, plot_layer_error, plot_ppl_vs_ratio
-from slimgpt.evaluation.report import EvalReport, LayerWidths, compare, library_versions
-from slimgpt.evaluation.speed import SpeedResult, count_parameters, measure_speed, weight_bytes
-from slimgpt.evaluation.zero_shot import (
+from slimgpt.evaluation.harness import (
     COMMONSENSE_TASKS,
     DEFAULT_TASKS,
     TaskScore,
@@ -21,6 +17,10 @@ from slimgpt.evaluation.zero_shot import (
     load_tasks,
     zero_shot,
 )
+from slimgpt.evaluation.plots import plot_kept_ratio, plot_layer_error, plot_ppl_vs_ratio
+from slimgpt.evaluation.ppl import PerplexityResult, evaluate_perplexity, perplexity, window_protocol
+from slimgpt.evaluation.report import EvalReport, LayerWidths, compare, library_versions
+from slimgpt.evaluation.speed import SpeedResult, count_parameters, measure_speed, weight_bytes
 
 __all__ = [
     "COMMONSENSE_TASKS",

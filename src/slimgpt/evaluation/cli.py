@@ -20,7 +20,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``eval`` and ``compare`` subcommands; each sets ``func`` to its handler."""
-    from slimgpt.evaluation.zero_shot import DEFAULT_TASKS
+    from slimgpt.evaluation.harness import DEFAULT_TASKS
 
     default_tasks = ",".join(DEFAULT_TASKS)
     ev = subparsers.add_parser(
@@ -168,7 +168,7 @@ def _check_output_path(path: Path, flag: str) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     """Load the model, run what was asked, print the report; write JSON and plots if asked."""
     from slimgpt.evaluation.evaluate import evaluate_model, report_plots
-    from slimgpt.evaluation.zero_shot import DEFAULT_TASKS, load_tasks
+    from slimgpt.evaluation.harness import DEFAULT_TASKS, load_tasks
 
     tasks = args.tasks
     if tasks is None and args.tasks_dir is not None:

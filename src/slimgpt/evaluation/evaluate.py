@@ -9,16 +9,16 @@ from typing import Any
 
 import torch
 
-from slimgpt.evaluation.perplexity import (
+from slimgpt.evaluation.harness import DEFAULT_FEWSHOT, TaskSuite, ZeroShotResult, load_tasks, zero_shot
+from slimgpt.evaluation.plots import plot_kept_ratio, plot_ppl_vs_ratio
+from slimgpt.evaluation.ppl import (
     PerplexityResult,
     evaluate_perplexity,
     model_context,
     window_protocol,
 )
-from slimgpt.evaluation.plots import plot_kept_ratio, plot_ppl_vs_ratio
 from slimgpt.evaluation.report import EvalReport, LayerWidths, library_versions
 from slimgpt.evaluation.speed import SpeedResult, count_parameters, measure_speed, weight_bytes
-from slimgpt.evaluation.zero_shot import DEFAULT_FEWSHOT, TaskSuite, ZeroShotResult, load_tasks, zero_shot
 
 logger = logging.getLogger(__name__)
 

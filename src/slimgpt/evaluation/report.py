@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from slimgpt.errors import DataError
-from slimgpt.evaluation.perplexity import PerplexityResult
+from slimgpt.evaluation.harness import ZeroShotResult
+from slimgpt.evaluation.ppl import PerplexityResult
 from slimgpt.evaluation.speed import SpeedResult
-from slimgpt.evaluation.zero_shot import ZeroShotResult
 
 REPORT_FORMAT = "slimgpt.eval_report"
 REPORT_VERSION = 1

@@ -68,14 +68,17 @@ class ReferenceSolver(_Solver):
     def remove(self, columns: torch.Tensor) -> None:
         if self.compensate:
             Hinv = self.inverse()
-            rest = (~torch.isin(torch.arange(len(self.pruned), device=columns.device), columns)).nonzero()
-            order = torch.cat([columns, rest.flatten()])
+            rest = (~torch.isin(torch.arange(len(self.pruned), device=columns.device), columns)).nonzero().flatten()
+            order = torch.cat([columns, rest])
             U = _cholesky(Hinv[order][:, order], upper=True)
-            W = self.weight[:, order]
-            for i in range(len(columns)):
-                err = W[:, i] / U[i, i]
-                W[:, i:] -= err[:, None] * U[i, i:][None, :]
-            self.weight[:, order] = W
+            p = len(columns)
+            W_P = self.weight[:, columns].clone()
+            errors = torch.empty_like(W_P)
+            for i in range(p):  # the sequential OBS recursion inside the removed group
+                errors[:, i] = W_P[:, i] / U[i, i]
+                W_P[:, i:] -= errors[:, i:i + 1] * U[i, i:p][None, :]
+            # The same recursion's updates of the surviving columns, applied at once (GPTQ's lazy batch).
+            self.weight[:, rest] -= errors @ U[:p, p:]
         self.weight[:, columns] = 0
         self.pruned[columns] = True
 
