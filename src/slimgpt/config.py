@@ -11,7 +11,7 @@ from slimgpt.solver.schedule import SCHEDULES
 from slimgpt.solver.structured import GROUP_SCHEDULES
 
 CONFIG_VERSION = 1
-METHODS = ("slimgpt",)
+METHODS = ("slimgpt", "magnitude", "wanda-sp", "flap", "llm-pruner")
 HEAD_SCORES = ("gcd", "gcd-diag", "diag")
 GQA_POLICIES = ("kv-group", "query-heads")
 SOLVERS = ("fast", "reference")
@@ -30,6 +30,9 @@ class PruneConfig:
     gqa_policy: "kv-group" removes whole KV groups; "query-heads" removes query heads evenly per group.
     solver: "fast" (Schur downdates) or "reference" (re-invert every round, the authors' way).
     round_to: keep every layer's FFN width a multiple of this.
+    method: "slimgpt", or a baseline (slimgpt.baselines): "magnitude", "wanda-sp", "flap", "llm-pruner".
+    taylor_samples / taylor_seqlen: LLM-Pruner's gradient pass uses the first ``taylor_samples``
+        calibration windows cut to ``taylor_seqlen`` tokens (the authors: 10 samples of 64 tokens).
     device: where the layer being pruned runs; offload: keep calibration activations on the CPU.
     """
 
@@ -55,6 +58,8 @@ class PruneConfig:
     device: str = "cpu"
     offload: bool = True
     batch_size: int = 1
+    taylor_samples: int = 10
+    taylor_seqlen: int = 64
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -74,7 +79,8 @@ class PruneConfig:
         choice("group_schedule", GROUP_SCHEDULES)
         choice("gqa_policy", GQA_POLICIES)
         choice("solver", SOLVERS)
-        for name in ("nsamples", "seqlen", "group_start", "group_floor", "round_to", "batch_size"):
+        for name in ("nsamples", "seqlen", "group_start", "group_floor", "round_to", "batch_size",
+                     "taylor_samples", "taylor_seqlen"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
         if not 0.0 < self.first_fraction <= 1.0:

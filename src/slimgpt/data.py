@@ -532,7 +532,7 @@ def _check_hub_reachable(name: str, label: str, cached: bool) -> None:
 
     endpoint = config.HF_ENDPOINT
     try:
-        pass
+        get_session().head(endpoint, timeout=HUB_PROBE_TIMEOUT_S)
     except Exception as error:  # any failure to get an answer means unreachable, whatever the transport
         fix = "set HF_HUB_OFFLINE=1 to use the cached copy" if cached else LOCAL_HINT
         raise DataError(

@@ -31,6 +31,7 @@ class PruneJob:
     units: torch.Tensor  # [n_units, g] column indices
     rounds: int
     buckets: list[list[int]] | None = None
+    layer: int = 0  # index of the decoder layer, for methods that planned per-layer scores beforehand
 
 
 @dataclass
@@ -42,6 +43,17 @@ class Decision:
 
 
 class LayerMethod(Protocol):
+    """What the driver asks of a method. Optional hooks, looked up with ``getattr``:
+
+    - ``plan(model, adapter, calibration, config) -> SchedulePlan``: per-layer removal counts decided
+      before the layer loop (global rankings, gradients, uniform ratios); replaces ``plan_schedule``.
+      It sees the dense model and may precompute per-layer unit scores for ``prune_*`` (keyed by
+      ``PruneJob.layer``).
+    - ``needs_layer_inputs: bool`` (default ``needs_data``): False when the calibration data is only
+      used by ``plan``, so the driver skips the layer-by-layer statistics passes.
+    - ``ratio_convention(report) -> str``: how the method's own papers quote a pruning ratio.
+    """
+
     name: str
     needs_hessian: bool  # full X X^T (else only per-feature statistics)
     needs_data: bool
@@ -85,6 +97,8 @@ class SlimGPTMethod:
 
 
 def get_method(config: PruneConfig) -> LayerMethod:
-    methods: dict[str, type] = {"slimgpt": SlimGPTMethod}
+    from slimgpt.baselines import BASELINES  # late: baselines builds on this module
+
+    methods: dict[str, type] = {"slimgpt": SlimGPTMethod, **BASELINES}
     method: LayerMethod = methods[config.method](config)
     return method

@@ -49,6 +49,16 @@ class _StopForward(Exception):
         self.kwargs = kwargs
 
 
+class LayerHooks:
+    """Callbacks around each layer of the driver; the default does nothing."""
+
+    def before(self, index: int, layer: nn.Module) -> None:
+        """Called before layer ``index`` moves to the compute device."""
+
+    def after(self, index: int, layer: nn.Module) -> None:
+        """Called after layer ``index`` is pruned and its outputs propagated."""
+
+
 # --- geometry and parameter counting -----------------------------------------------------------------
 
 def linear_params(linear: nn.Linear) -> int:
@@ -285,12 +295,15 @@ def prune_model(
     model_name: str = "",
     progress: bool = True,
     stop_after_layer: int | None = None,
+    layer_hooks: LayerHooks | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place with ``config``; returns the report.
 
     calibration: [nsamples, seqlen] token ids; if None they are drawn from ``config.calib`` with
     ``tokenizer``. compact=False leaves removed heads/channels zero-masked at full shape (for checks).
     stop_after_layer: stop after pruning that layer (tests use it to simulate a crash).
+    layer_hooks: called before a layer is pruned (e.g. to materialise its weights from disk) and after
+    (e.g. to write it out and free it); see slimgpt.streaming.
     """
     adapter = get_adapter(model.config)
     method = get_method(config)
@@ -349,6 +362,8 @@ def prune_model(
     for index in bar:
         start = time.perf_counter()
         layer = layers[index]
+        if layer_hooks is not None:
+            layer_hooks.before(index, layer)
         home = next(layer.parameters()).device
         layer.to(device)
         row = _prune_layer(index, layer, adapter, method, config, schedule, hidden, kwargs_by_size, device,
@@ -365,6 +380,8 @@ def prune_model(
 
             checkpoint.save(index, layer, hidden, {"config": config.to_dict(), "rows": [asdict(r) for r in rows],
                                                    "stage_seconds": watch.seconds})
+        if layer_hooks is not None:
+            layer_hooks.after(index, layer)
         if stop_after_layer is not None and index >= stop_after_layer:
             break
 
