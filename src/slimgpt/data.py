@@ -197,7 +197,8 @@ def calibration_windows(
 
     The windows follow GPTQ's protocol, which the paper uses: random windows, a ``torch.Generator``
     seeded with ``seed``, so the same arguments give the same windows on every machine. No special
-    tokens are added (a window starts mid-text, where a BOS token would never be).
+    tokens are added, so every window is a plain slice of the text's tokens (GPTQ's windows start at
+    random offsets too, so they almost never hold the one BOS its tokenizer call adds).
 
     How windows are drawn (``windowing``; by default the source's own, "stream" for local paths):
 
@@ -397,20 +398,14 @@ def _read_jsonl(file: Path) -> list[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise DataError(
-                    f"{where} is not valid JSON ({error.msg}): write one JSON object per line"
-                ) from error
+                raise DataError(f"{where} is not valid JSON ({error.msg}): write one JSON object per line") from error
             if not isinstance(record, dict):
                 raise DataError(f'{where} is not a JSON object: write one {{"text": ...}} object per line')
             if "text" not in record:
                 fields = ", ".join(map(str, record)) or "none"
-                raise DataError(
-                    f"{where} has no 'text' field (fields: {fields}): put each document in a 'text' field"
-                )
+                raise DataError(f"{where} has no 'text' field (fields: {fields}): put each document in a 'text' field")
             if not isinstance(record["text"], str):
-                raise DataError(
-                    f"{where} has a 'text' field that is not a string: store the document as text"
-                )
+                raise DataError(f"{where} has a 'text' field that is not a string: store the document as text")
             texts.append(record["text"])
     return texts
 
@@ -435,9 +430,7 @@ def _rows_description(hub: HubSource, split: Split) -> str:
 
 def _hub_label(hub: HubSource, files: str | None) -> str:
     """``id/config@revision:file``, the way the message and the cache name it."""
-    label = (
-        hub.hub_id + (f"/{hub.config}" if hub.config else "") + (f"@{hub.revision}" if hub.revision else "")
-    )
+    label = hub.hub_id + (f"/{hub.config}" if hub.config else "") + (f"@{hub.revision}" if hub.revision else "")
     return label + (f":{files}" if files else "")
 
 
@@ -464,9 +457,7 @@ def _heldout_range(rows: int, fraction: float, split: Split) -> range:
     """
     heldout = max(1, math.ceil(rows * fraction))
     if heldout >= rows:
-        raise DataError(
-            f"a dataset of {rows} rows is too small to hold back {fraction:.0%} for eval: pass more data"
-        )
+        raise DataError(f"a dataset of {rows} rows is too small to hold back {fraction:.0%} for eval: pass more data")
     return range(rows - heldout, rows) if split == "eval" else range(rows - heldout)
 
 
@@ -597,9 +588,7 @@ def _encode_stream(tokenizer: PreTrainedTokenizerBase, documents: Sequence[str])
     """The documents joined by a blank line, tokenized once: a LongTensor [tokens]."""
     text = corpus.DOC_SEPARATOR.join(documents)
     stream = torch.tensor(_encode(tokenizer, text), dtype=torch.long)
-    logger.info(
-        "tokenized %d documents (%d characters) into %d tokens", len(documents), len(text), stream.numel()
-    )
+    logger.info("tokenized %d documents (%d characters) into %d tokens", len(documents), len(text), stream.numel())
     return stream
 
 

@@ -46,6 +46,21 @@ def write_atomic_dir(output: str | Path, fill: Any, overwrite: bool) -> Path:
     return path
 
 
+METHOD_SUMMARIES = {
+    "slimgpt": "Structured pruning: whole attention heads and FFN channels removed, surviving weights "
+               "OBS-compensated\n(SlimGPT, Ling et al., NeurIPS 2024).",
+    "magnitude": "Structured magnitude pruning (baseline): the heads and FFN channels with the smallest weight "
+                 "norm removed,\nuniform per-layer ratio, no data, no compensation.",
+    "wanda-sp": "Structured Wanda (Wanda-sp, as in FLAP's code; baseline): heads and FFN channels ranked by "
+                "|W| * ||X||,\nuniform per-layer ratio, no compensation.",
+    "flap": "FLAP (An et al., AAAI 2024; baseline): fluctuation-ranked heads and FFN channels, global adaptive "
+            "per-layer ratios,\nremoved channels compensated by an output bias of o_proj / down_proj.",
+    "llm-pruner": "LLM-Pruner (Ma et al., NeurIPS 2023; baseline): coupled groups ranked by first-order Taylor "
+                  "importance |w * dL/dw|,\nuniform ratio on the middle layers, first and last layers kept, "
+                  "no compensation (no LoRA tuning).",
+}
+
+
 def model_card(report: PruneReport) -> str:
     cfg, calib = report.config, report.calibration
     ratios = ", ".join(f"{r:.3f}" for r in report.schedule["ratios"])
@@ -60,12 +75,13 @@ tags: [slimgpt, pruned, structured-pruning]
 ---
 # {Path(report.model).name or report.model} pruned with slimgpt ({report.method})
 
-Structured pruning: whole attention heads and FFN channels removed, surviving weights OBS-compensated
-(SlimGPT, Ling et al., NeurIPS 2024). Physically smaller: every layer has its own width.
+{METHOD_SUMMARIES.get(report.method, f"Structured pruning with {report.method}.")}
+Physically smaller: every layer has its own width.
 
 - Source model: `{report.model}`
 - Method: {report.method}; target {report.target_ratio:.1%} of decoder parameters,
   realised {report.realised_ratio:.2%}
+- Ratio convention: {report.ratio_convention or "fraction of decoder-layer parameters"}
 - Decoder parameters: {report.decoder_params_before:,} -> {report.decoder_params_after:,};
   all parameters: {report.total_params_before:,} -> {report.total_params_after:,}
 - Schedule: {report.schedule["name"]}; per-layer ratios: {ratios}

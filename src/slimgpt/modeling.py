@@ -39,11 +39,17 @@ BUILTIN_MODELS = ("tiny-mha", "tiny-gqa")
 
 
 class SlimConfigMixin:
-    """Per-layer widths. Each list has one entry per decoder layer; None means the stock width."""
+    """Per-layer widths. Each list has one entry per decoder layer; None means the stock width.
+
+    layer_output_bias: every decoder layer's attention output (o_proj) and FFN output (down_proj) has
+    a bias, even where the family has none (LLaMA): FLAP's compensation stores the mean contribution
+    of the removed channels there.
+    """
 
     layer_num_attention_heads: list[int] | None
     layer_num_key_value_heads: list[int] | None
     layer_intermediate_sizes: list[int] | None
+    layer_output_bias: bool
 
     def layer_sizes(self) -> list[LayerSizes]:
         cfg: Any = self
@@ -65,6 +71,18 @@ class _SlimModelMixin:
         for layer, sizes in zip(adapter.decoder_layers(model), model.config.layer_sizes(), strict=True):
             if adapter.layer_sizes(layer) != sizes:
                 adapter.resize_layer(layer, sizes)
+            if getattr(model.config, "layer_output_bias", False):
+                for linear in (adapter.attn_output(layer), adapter.mlp_output(layer)):
+                    add_zero_bias(linear)
+
+
+def add_zero_bias(linear: torch.nn.Linear) -> None:
+    """Give ``linear`` an output bias of zeros if it has none (changes no output)."""
+    if linear.bias is None:
+        linear.bias = torch.nn.Parameter(
+            torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device),
+            requires_grad=linear.weight.requires_grad,
+        )
 
 
 def _make_family(base_config: type[PretrainedConfig], base_model: type[PreTrainedModel], family: str,
@@ -76,10 +94,12 @@ def _make_family(base_config: type[PretrainedConfig], base_model: type[PreTraine
             "layer_num_attention_heads": list[int] | None,
             "layer_num_key_value_heads": list[int] | None,
             "layer_intermediate_sizes": list[int] | None,
+            "layer_output_bias": bool,
         },
         "layer_num_attention_heads": None,
         "layer_num_key_value_heads": None,
         "layer_intermediate_sizes": None,
+        "layer_output_bias": False,
         "__module__": __name__,
     }
     config_cls: Any = strict(type(f"Slim{base_config.__name__}", (SlimConfigMixin, base_config), namespace))
@@ -108,8 +128,11 @@ for _config_cls, _model_cls in FAMILIES.values():
     AutoModelForCausalLM.register(_config_cls, _model_cls, exist_ok=True)
 
 
-def slim_config_from(config: PretrainedConfig, sizes: list[LayerSizes]) -> PretrainedConfig:
-    """The ``slimgpt_<family>`` config describing ``config``'s model with per-layer ``sizes``."""
+def slim_config_from(config: PretrainedConfig, sizes: list[LayerSizes], output_bias: bool = False) -> PretrainedConfig:
+    """The ``slimgpt_<family>`` config describing ``config``'s model with per-layer ``sizes``.
+
+    output_bias: the layers' o_proj / down_proj carry a bias (``layer_output_bias``).
+    """
     family = config.model_type.removeprefix("slimgpt_")
     config_cls, _ = FAMILIES[family]
     values = config.to_dict()
@@ -119,6 +142,7 @@ def slim_config_from(config: PretrainedConfig, sizes: list[LayerSizes]) -> Pretr
         layer_num_attention_heads=[s.n_heads for s in sizes],
         layer_num_key_value_heads=[s.n_kv_heads for s in sizes],
         layer_intermediate_sizes=[s.ffn_dim for s in sizes],
+        layer_output_bias=bool(output_bias),
     )
     if family != "opt":
         values["head_dim"] = get_adapter(config).head_dim

@@ -31,8 +31,8 @@ from slimgpt.adapters import LayerSizes, ModelAdapter, get_adapter, head_columns
 from slimgpt.config import PruneConfig
 from slimgpt.errors import ConfigError, DataError
 from slimgpt.methods import Decision, PruneJob, get_method
-from slimgpt.modeling import FAMILIES, slim_config_from
-from slimgpt.report import LayerReport, PruneReport
+from slimgpt.modeling import FAMILIES, add_zero_bias, slim_config_from
+from slimgpt.report import LayerReport, PruneReport, decoder_ratio_convention
 from slimgpt.solver.hessian import InputStatistics
 from slimgpt.solver.obs import reconstruction_error
 from slimgpt.solver.schedule import LayerGeometry, SchedulePlan, plan_schedule
@@ -114,7 +114,11 @@ def layer_geometry(adapter: ModelAdapter, layer: nn.Module, policy: str) -> Laye
 
 
 def plan(model: nn.Module, config: PruneConfig) -> SchedulePlan:
-    """The per-layer schedule that removes ``config.ratio`` of the decoder parameters."""
+    """The per-layer schedule that removes ``config.ratio`` of the decoder parameters.
+
+    This is SlimGPT's ratio schedule; a method with its own ``plan`` hook (the baselines) decides its
+    per-layer counts inside ``prune_model`` instead.
+    """
     adapter = get_adapter(model.config)
     geometries = [layer_geometry(adapter, layer, config.gqa_policy) for layer in adapter.decoder_layers(model)]
     return plan_schedule(geometries, config.ratio, config.schedule, config.first_ratio, config.first_fraction,
@@ -211,6 +215,33 @@ def _collect_inputs(linear: nn.Linear, stats: InputStatistics) -> Iterator[None]
         handle.remove()
 
 
+@torch.no_grad()
+def dense_input_statistics(model: nn.Module, adapter: ModelAdapter, calibration: torch.Tensor, config: PruneConfig,
+                           full: bool = False) -> list[tuple[InputStatistics, InputStatistics]]:
+    """Statistics of every layer's o_proj and down_proj inputs on the unpruned model, in one pass.
+
+    For methods that rank all layers before pruning any (FLAP). Each layer visits the compute device
+    in turn, as in the pruning loop; returns one (o_proj, down_proj) pair per layer.
+    """
+    device = torch.device(config.device)
+    store = torch.device("cpu") if config.offload else device
+    hidden, kwargs_by_size = capture_layer_inputs(model, adapter, calibration.long(), config.batch_size, device,
+                                                  store)
+    result = []
+    for layer in adapter.decoder_layers(model):
+        home = next(layer.parameters()).device
+        layer.to(device)
+        o_proj, down_proj = adapter.attn_output(layer), adapter.mlp_output(layer)
+        attn = InputStatistics(o_proj.in_features, device, full=full)
+        ffn = InputStatistics(down_proj.in_features, device, full=full)
+        with _collect_inputs(o_proj, attn), _collect_inputs(down_proj, ffn):
+            for part, h, kw in _run_batches(hidden, kwargs_by_size, config.batch_size, device):
+                hidden[part] = adapter.mlp_block(layer, adapter.attention_block(layer, h, kw)).to(hidden.device)
+        layer.to(home)
+        result.append((attn, ffn))
+    return result
+
+
 # --- checkpoints ----------------------------------------------------------------------------------------
 
 def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -251,6 +282,9 @@ class Checkpoint:
     def restore_layer(self, index: int, layer: nn.Module, adapter: ModelAdapter, sizes: LayerSizes) -> None:
         adapter.resize_layer(layer, sizes)
         state = load_file(str(self.directory / f"layer_{index}.safetensors"))
+        for name, module in layer.named_modules():  # output biases a method added (FLAP)
+            if isinstance(module, nn.Linear) and module.bias is None and f"{name}.bias" in state:
+                add_zero_bias(module)
         layer.load_state_dict(state)
 
     def hidden(self) -> torch.Tensor:
@@ -277,8 +311,8 @@ def _units_to_heads(removed_units: list[int], unit_kind: str, sizes: LayerSizes)
 def _write_weight(linear: nn.Linear, decision: Decision) -> None:
     linear.weight.data.copy_(decision.weight.to(linear.weight.dtype))
     if decision.bias_delta is not None:
-        if linear.bias is None:
-            raise ConfigError("this method adds an output bias, which this model's layer has no room for")
+        add_zero_bias(linear)  # LLaMA-like layers have none; the slim config records it (layer_output_bias)
+        assert linear.bias is not None
         linear.bias.data.add_(decision.bias_delta.to(linear.bias.dtype))
 
 
@@ -311,10 +345,17 @@ def prune_model(
     store = torch.device("cpu") if config.offload else device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    schedule = plan(model, config)
+    method_plan = getattr(method, "plan", None)
+    if method_plan is not None and layer_hooks is not None and getattr(method, "plan_reads_weights", False):
+        raise ConfigError(f"--method {config.method} ranks every layer before pruning any, which needs the whole "
+                          "model in memory: load it without layer streaming")
+    schedule = plan(model, config) if method_plan is None else None  # fails fast on impossible ratios
     layers = adapter.decoder_layers(model)
     watch = _Stopwatch()
 
+    if calibration is not None and not method.needs_data:
+        logger.info("--method %s uses no calibration data; the calibration windows are not used", config.method)
+        calibration = None
     if calibration is None and method.needs_data:
         if tokenizer is None:
             raise ConfigError("calibration data is needed: pass calibration token ids or a tokenizer")
@@ -325,6 +366,12 @@ def prune_model(
         if calibration.ndim != 2 or calibration.shape[0] < 1:
             raise DataError(f"calibration ids must be [nsamples, seqlen], got shape {tuple(calibration.shape)}")
         calibration = calibration.long()
+    if method_plan is not None:  # on the dense model, before any checkpointed layer is restored
+        with watch.stage("plan", device):
+            schedule = method_plan(model, adapter, calibration, config)
+    assert schedule is not None
+    # Methods whose data serves only their plan (LLM-Pruner's gradients) skip the layer-by-layer passes.
+    layer_data = calibration if getattr(method, "needs_layer_inputs", method.needs_data) else None
 
     params_before = decoder_params(model, adapter)
     total_before = sum(p.numel() for p in model.parameters())
@@ -351,9 +398,9 @@ def prune_model(
         logger.info("resuming after layer %d from %s", first_layer - 1, checkpoint.directory)
 
     kwargs_by_size: dict[int, dict[str, Any]] = {}
-    if calibration is not None and first_layer < len(layers):
+    if layer_data is not None and first_layer < len(layers):
         with watch.stage("calibration_forward", device):
-            captured, kwargs_by_size = capture_layer_inputs(model, adapter, calibration, config.batch_size,
+            captured, kwargs_by_size = capture_layer_inputs(model, adapter, layer_data, config.batch_size,
                                                             device, store)
         hidden = hidden if hidden is not None else captured
         del captured
@@ -387,7 +434,7 @@ def prune_model(
 
     if compact and len(rows) == len(layers):
         _adopt_slim_config(model, adapter)
-    return PruneReport(
+    report = PruneReport(
         model=model_name or str(getattr(model.config, "_name_or_path", "")),
         method=config.method,
         config=config.to_dict(),
@@ -407,6 +454,9 @@ def prune_model(
         device=str(device),
         versions=_versions(),
     )
+    describe = getattr(method, "ratio_convention", None)
+    report.ratio_convention = describe(report) if describe is not None else decoder_ratio_convention(report)
+    return report
 
 
 def _run_batches(hidden: torch.Tensor, kwargs_by_size: dict[int, dict[str, Any]], batch_size: int,
@@ -425,9 +475,12 @@ def _prune_layer(index: int, layer: nn.Module, adapter: ModelAdapter, method: An
     params_before = layer_params(layer)
     o_proj, down_proj = adapter.attn_output(layer), adapter.mlp_output(layer)
     use_data = hidden is not None
+    prepare = getattr(method, "prepare_layer", None)
+    if prepare is not None:  # per-layer scores from the dense layer's weights (magnitude)
+        prepare(index, layer, adapter, config)
 
     # Attention: statistics of o_proj's inputs, then the method's decision.
-    attn_stats = InputStatistics(o_proj.in_features, device) if use_data else None
+    attn_stats = InputStatistics(o_proj.in_features, device, full=method.needs_hessian) if use_data else None
     if use_data and layer_plan.attn_units_removed:
         assert hidden is not None and attn_stats is not None
         with watch.stage("hessians", device), _collect_inputs(o_proj, attn_stats):
@@ -437,13 +490,13 @@ def _prune_layer(index: int, layer: nn.Module, adapter: ModelAdapter, method: An
     W_o = o_proj.weight.detach().to(torch.float32, copy=True)
     with watch.stage("solve", device):
         attn = method.prune_attention(PruneJob(W_o.clone(), attn_stats, units, layer_plan.attn_units_removed,
-                                               buckets))
+                                               buckets, layer=index))
     _write_weight(o_proj, attn)
     removed_heads = _units_to_heads(attn.removed_units, unit_kind, sizes)
     keep_heads = torch.tensor([h for h in range(sizes.n_heads) if h not in removed_heads], dtype=torch.long)
 
     # FFN: statistics of down_proj's inputs with the pruned attention in place.
-    ffn_stats = InputStatistics(down_proj.in_features, device) if use_data else None
+    ffn_stats = InputStatistics(down_proj.in_features, device, full=method.needs_hessian) if use_data else None
     if use_data and layer_plan.channels_removed:
         assert hidden is not None and ffn_stats is not None
         with watch.stage("hessians", device), _collect_inputs(down_proj, ffn_stats):
@@ -452,7 +505,8 @@ def _prune_layer(index: int, layer: nn.Module, adapter: ModelAdapter, method: An
     W_down = down_proj.weight.detach().to(torch.float32, copy=True)
     channel_units = torch.arange(sizes.ffn_dim).view(-1, 1)
     with watch.stage("solve", device):
-        ffn = method.prune_ffn(PruneJob(W_down.clone(), ffn_stats, channel_units, layer_plan.channels_removed))
+        ffn = method.prune_ffn(PruneJob(W_down.clone(), ffn_stats, channel_units, layer_plan.channels_removed,
+                                        layer=index))
     _write_weight(down_proj, ffn)
     removed_channels = set(ffn.removed_units)
     keep_channels = torch.tensor([c for c in range(sizes.ffn_dim) if c not in removed_channels], dtype=torch.long)
@@ -479,13 +533,16 @@ def _prune_layer(index: int, layer: nn.Module, adapter: ModelAdapter, method: An
 
 def _record_errors(row: LayerReport, W_o: torch.Tensor, attn: Decision, attn_stats: InputStatistics | None,
                    units: torch.Tensor, W_down: torch.Tensor, ffn: Decision, ffn_stats: InputStatistics | None) -> None:
-    """Layer-wise output error of o_proj and down_proj, with the method's weights and with plain dropping."""
-    if attn_stats is not None and attn_stats.tokens and attn.removed_units:
+    """Layer-wise output error of o_proj and down_proj, with the method's weights and with plain dropping.
+
+    Needs the full H; methods that keep only per-feature statistics get no error columns.
+    """
+    if attn_stats is not None and attn_stats.full and attn_stats.tokens and attn.removed_units:
         dropped = W_o.clone()
         dropped[:, units[attn.removed_units].flatten()] = 0
         row.attn_error = reconstruction_error(W_o, attn.weight, attn_stats.hessian)
         row.attn_error_uncompensated = reconstruction_error(W_o, dropped, attn_stats.hessian)
-    if ffn_stats is not None and ffn_stats.tokens and ffn.removed_units:
+    if ffn_stats is not None and ffn_stats.full and ffn_stats.tokens and ffn.removed_units:
         dropped = W_down.clone()
         dropped[:, ffn.removed_units] = 0
         row.ffn_error = reconstruction_error(W_down, ffn.weight, ffn_stats.hessian)
@@ -495,8 +552,15 @@ def _record_errors(row: LayerReport, W_o: torch.Tensor, attn: Decision, attn_sta
 def _adopt_slim_config(model: Any, adapter: ModelAdapter) -> None:
     """Give the pruned model its per-layer config and the matching slim class (same forward)."""
     old = model.config
-    sizes = [adapter.layer_sizes(layer) for layer in adapter.decoder_layers(model)]
-    slim = slim_config_from(old, sizes)
+    layers = adapter.decoder_layers(model)
+    sizes = [adapter.layer_sizes(layer) for layer in layers]
+    output_bias = any(linear.bias is not None for layer in layers
+                      for linear in (adapter.attn_output(layer), adapter.mlp_output(layer)))
+    if output_bias:  # every layer gets both biases, so the saved weights match what the config builds
+        for layer in layers:
+            add_zero_bias(adapter.attn_output(layer))
+            add_zero_bias(adapter.mlp_output(layer))
+    slim = slim_config_from(old, sizes, output_bias=output_bias)
     for module in model.modules():
         if getattr(module, "config", None) is old:
             module.config = slim

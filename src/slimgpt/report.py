@@ -46,14 +46,23 @@ class PruneReport:
     peak_memory_bytes: int
     device: str
     versions: dict[str, str]
+    # How this method's own papers / code quote a ratio, with this run's numbers in that convention
+    # (methods are compared at equal realised decoder ratio; their papers count differently).
+    ratio_convention: str = ""
 
     @property
     def realised_ratio(self) -> float:
         return 1 - self.decoder_params_after / self.decoder_params_before
 
+    @property
+    def realised_total_ratio(self) -> float:
+        """Fraction of ALL parameters removed (embeddings and lm_head included)."""
+        return 1 - self.total_params_after / self.total_params_before
+
     def to_dict(self, with_indices: bool = False) -> dict[str, Any]:
         data = asdict(self)
         data["realised_ratio"] = self.realised_ratio
+        data["realised_total_ratio"] = self.realised_total_ratio
         if not with_indices:
             for layer in data["layers"]:
                 layer.pop("kept_heads")
@@ -67,6 +76,7 @@ class PruneReport:
     def from_dict(cls, data: dict[str, Any]) -> PruneReport:
         data = dict(data)
         data.pop("realised_ratio", None)
+        data.pop("realised_total_ratio", None)
         data["layers"] = [LayerReport(**layer) for layer in data["layers"]]
         return cls(**data)
 
@@ -78,6 +88,7 @@ class PruneReport:
             f"**{self.method}** on `{self.model}`: decoder parameters {self.decoder_params_before:,} -> "
             f"{self.decoder_params_after:,} (target {self.target_ratio:.1%}, realised {self.realised_ratio:.2%}); "
             f"total {self.total_params_before:,} -> {self.total_params_after:,}",
+            *([f"Ratio convention: {self.ratio_convention}"] if self.ratio_convention else []),
             "",
             "| layer | ratio | heads | kv heads | ffn | o_proj err (comp / drop) | down_proj err (comp / drop) | s |",
             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -92,3 +103,9 @@ class PruneReport:
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items())
         lines += ["", f"Stages: {stages}; peak memory {self.peak_memory_bytes / 2**20:,.0f} MiB on {self.device}."]
         return "\n".join(lines)
+
+
+def decoder_ratio_convention(report: PruneReport) -> str:
+    """SlimGPT's convention (and slimgpt's ``--ratio``): the fraction of decoder-layer parameters."""
+    return (f"ratio = fraction of decoder-layer parameters removed (embeddings and lm_head excluded): "
+            f"{report.realised_ratio:.2%}; {report.realised_total_ratio:.2%} of all parameters")

@@ -1,0 +1,114 @@
+"""``slimgpt finetune``: LoRA recovery of a pruned model. It only parses arguments and calls the library.
+
+    slimgpt finetune pruned/ --data alpaca --output pruned-tuned/
+    slimgpt finetune pruned/ --data builtin --output tuned/ --max-steps 200 --device cuda --bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from slimgpt.errors import SlimGPTError
+from slimgpt.finetune import LORA_ROLES, LR_SCHEDULES, FinetuneConfig
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``finetune`` subcommand; it sets ``handler`` (what ``slimgpt.cli.main`` calls)."""
+    d = FinetuneConfig()
+    p = subparsers.add_parser(
+        "finetune",
+        help="LoRA recovery fine-tuning of a pruned model; merges the adapters and saves the model",
+        description="Fine-tune a (pruned) model with LoRA, merge the adapters and save it in the same format. "
+        "Defaults are the SlimGPT paper's recovery recipe: rank 8, alpha 16, dropout 0.05 on q,k,v,o,gate,up,"
+        "down; lr 1e-4 cosine with 10 warm-up steps; batch 64; max length 256; one epoch; response-only loss.",
+    )
+    p.add_argument("model", metavar="DIR", help="pruned model folder (from slimgpt prune), or any model slimgpt loads")
+    p.add_argument("--data", default=d.data,
+                   help="alpaca, gpt4-alpaca (instruction data), builtin (raw text: the stdlib corpus), or a local "
+                        ".jsonl (instruction/input/output or text records), .txt file or directory (default "
+                        "%(default)s)")
+    p.add_argument("--output", "-o", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--checkpoint-dir", default=None, help="default: OUTPUT.checkpoint")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
+    p.add_argument("--lora-rank", type=int, default=d.lora_rank)
+    p.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
+    p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
+    p.add_argument("--lora-targets", type=_csv, default=d.lora_targets, metavar="T,T",
+                   help=f"roles ({','.join(LORA_ROLES)}) or module-name suffixes (default all roles)")
+    p.add_argument("--lr", type=float, default=d.learning_rate, help="peak learning rate (default %(default)s)")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per optimizer step")
+    p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size,
+                   help="examples per forward pass; the rest is gradient accumulation")
+    p.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example")
+    p.add_argument("--epochs", type=float, default=d.epochs)
+    p.add_argument("--max-steps", type=int, default=None, help="train exactly N optimizer steps instead of --epochs")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0 disables clipping")
+    p.add_argument("--full-loss", action="store_true", help="instruction data: train on the prompt tokens too")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward and backward passes")
+    p.add_argument("--dtype", default="float32", choices=[*DTYPES, "auto"],
+                   help="dtype of the frozen weights while training (default float32; auto: as saved); the "
+                        "output is saved in the input's dtype")
+    p.add_argument("--json", default=None, help="also write the report JSON (with the per-step log) here")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(handler=cmd_finetune)
+
+
+def config_from(args: argparse.Namespace) -> FinetuneConfig:
+    return FinetuneConfig(
+        data=args.data, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        lora_targets=args.lora_targets, learning_rate=args.lr, lr_schedule=args.lr_schedule,
+        warmup_steps=args.warmup_steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+        max_length=args.max_length, epochs=args.epochs, max_steps=args.max_steps, weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm, response_only=not args.full_loss, seed=args.seed, device=args.device,
+        bf16=args.bf16, checkpoint_every=args.checkpoint_every,
+    )
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from slimgpt.finetune import check_data_source, finetune, save_finetuned
+    from slimgpt.io import check_output
+    from slimgpt.modeling import load_model, resolve_model_path
+
+    config = config_from(args)  # validates every option before any work
+    output = check_output(args.output, args.overwrite)
+    checkpoint = Path(args.checkpoint_dir) if args.checkpoint_dir else output.with_name(output.name + ".checkpoint")
+    if checkpoint.exists() and not args.resume:
+        raise SlimGPTError(f"a checkpoint of an earlier run is at {checkpoint}: pass --resume to continue it, "
+                           "or delete it to start over")
+    check_data_source(config.data)
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SlimGPTError(f"--device {config.device} but no CUDA device is available: pass --device cpu")
+    model, tokenizer = load_model(args.model, dtype=None, device="cpu", trust_remote_code=args.trust_remote_code)
+    saved_dtype = next(model.parameters()).dtype
+    if args.dtype != "auto":
+        model.to(DTYPES[args.dtype])
+    report = finetune(model, tokenizer, config, checkpoint_dir=checkpoint, resume=args.resume,
+                      model_name=args.model)
+    model.to(device="cpu", dtype=saved_dtype)
+    save_finetuned(model, tokenizer, report, output, source=resolve_model_path(args.model), overwrite=args.overwrite)
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(report.to_json())
+    print(report.to_markdown())
+    print(f"\nsaved to {output}")
+    return 0
