@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import TEXT, make_model
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
+from conftest import TEXT, make_model
 from slimgpt.cli import main
 
 

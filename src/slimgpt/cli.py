@@ -21,7 +21,8 @@ logger = logging.getLogger("slimgpt")
 
 def _add_prune_options(parser: argparse.ArgumentParser) -> None:
     d = PruneConfig()
-    parser.add_argument("--method", choices=METHODS, default=d.method)
+    parser.add_argument("--method", choices=METHODS, default=d.method,
+                        help="slimgpt, or a baseline: magnitude, wanda-sp, flap, llm-pruner (default %(default)s)")
     parser.add_argument("--ratio", type=float, default=d.ratio,
                         help="fraction of decoder-layer parameters to remove, in [0, 1) (default %(default)s)")
     parser.add_argument("--calib", default=d.calib,
@@ -46,6 +47,10 @@ def _add_prune_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=d.device, help="compute device for the layer being pruned")
     parser.add_argument("--no-offload", action="store_true", help="keep calibration activations on --device")
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--taylor-samples", type=int, default=d.taylor_samples,
+                        help="llm-pruner: calibration windows in its gradient pass (default %(default)s)")
+    parser.add_argument("--taylor-seqlen", type=int, default=d.taylor_seqlen,
+                        help="llm-pruner: tokens of each window in its gradient pass (default %(default)s)")
 
 
 def _config_from(args: argparse.Namespace) -> PruneConfig:
@@ -56,6 +61,7 @@ def _config_from(args: argparse.Namespace) -> PruneConfig:
         group_schedule=args.group_schedule, group_start=args.group_start, group_floor=args.group_floor,
         group_fraction=args.group_fraction, gqa_policy=args.gqa_policy, solver=args.solver, round_to=args.round_to,
         device=args.device, offload=not args.no_offload, batch_size=args.batch_size,
+        taylor_samples=args.taylor_samples, taylor_seqlen=args.taylor_seqlen,
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from typing import Any
 
 import torch
 
@@ -17,6 +18,7 @@ from slimgpt.evaluation.ppl import perplexity
 from slimgpt.evaluation.speed import measure_speed
 from slimgpt.modeling import load_model
 from slimgpt.prune import prune_model
+from slimgpt.report import PruneReport
 
 logger = logging.getLogger(__name__)
 
@@ -30,14 +32,14 @@ def run_demo(model_name: str = "tiny-mha", ratios: list[float] | None = None, ns
     calibration = calibration_windows(tokenizer, "builtin", nsamples, seqlen, seed=0)
 
     rows = []
-    models = [("dense", dense, None)]
+    models: list[tuple[str, Any, PruneReport | None]] = [("dense", dense, None)]
     for ratio in ratios:
         pruned = copy.deepcopy(dense)
         config = PruneConfig(ratio=ratio, calib="builtin", nsamples=nsamples, seqlen=seqlen, device=device,
                              batch_size=8)
-        report = prune_model(pruned, config, calibration, model_name=model_name, progress=False)
-        logger.info("pruned %.0f%% in %.1f s", 100 * ratio, sum(report.stage_seconds.values()))
-        models.append((f"SlimGPT {ratio:.0%}", pruned, report))
+        pruned_report = prune_model(pruned, config, calibration, model_name=model_name, progress=False)
+        logger.info("pruned %.0f%% in %.1f s", 100 * ratio, sum(pruned_report.stage_seconds.values()))
+        models.append((f"SlimGPT {ratio:.0%}", pruned, pruned_report))
     for label, model, report in models:
         ppl = perplexity(model, windows, batch_size=16, device=device, progress=False)
         speed = measure_speed(model, prompt_tokens=64, gen_tokens=128, runs=2, warmup=1, device=device,

@@ -541,8 +541,8 @@ class FinetuneReport:
 class _Checkpoint:
     """Resumable training state in one folder, replaced atomically as a whole on every save."""
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
+    def __init__(self, directory: Path, device: torch.device) -> None:
+        self.directory, self.device = directory, device
 
     def exists(self) -> bool:
         return (self.directory / "state.json").exists()
@@ -554,7 +554,7 @@ class _Checkpoint:
             tensors = {f"state.{index}.{name}": value.detach().contiguous().cpu()
                        for index, values in optimizer_state["state"].items() for name, value in values.items()}
             save_file(tensors, str(tmp / "optimizer.safetensors"))
-            save_file(_rng_state(), str(tmp / "rng.safetensors"))
+            save_file(_rng_state(self.device), str(tmp / "rng.safetensors"))
             (tmp / "state.json").write_text(json.dumps(state | {"param_groups": optimizer_state["param_groups"]}))
 
         write_atomic_dir(self.directory, fill, overwrite=True)
@@ -578,20 +578,21 @@ class _Checkpoint:
             per_param.setdefault(int(index), {})[name] = value
         groups = [group | {"betas": tuple(group["betas"])} if "betas" in group else group for group in param_groups]
         optimizer.load_state_dict({"state": per_param, "param_groups": groups})
-        _set_rng_state(load_file(str(self.directory / "rng.safetensors")))
+        _set_rng_state(load_file(str(self.directory / "rng.safetensors")), self.device)
 
 
-def _rng_state() -> dict[str, torch.Tensor]:
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The generators dropout draws from: the CPU's, and the training device's when it is a GPU."""
     state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 @contextmanager
@@ -647,11 +648,11 @@ def finetune(
     steps = total_steps(len(examples), config)
     order = BatchOrder(len(examples), _total_examples(len(examples), config), config.batch_size, config.seed)
     fingerprint = dataset.fingerprint()
-    checkpoint = _Checkpoint(Path(checkpoint_dir)) if checkpoint_dir is not None else None
+    device = torch.device(config.device)
+    checkpoint = _Checkpoint(Path(checkpoint_dir), device) if checkpoint_dir is not None else None
     saved = checkpoint.state() if checkpoint is not None and resume and checkpoint.exists() else None
     if saved is not None:
         _check_resumable(saved, config, fingerprint, checkpoint)
-    device = torch.device(config.device)
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     total_params = sum(p.numel() for p in model.parameters())

@@ -269,9 +269,13 @@ class Checkpoint:
     def exists(self) -> bool:
         return self.state_path.exists()
 
+    def layer_path(self, index: int) -> Path:
+        """The pruned weights of layer ``index`` (its state dict, keys relative to the layer)."""
+        return self.directory / f"layer_{index}.safetensors"
+
     def save(self, layer_index: int, layer: nn.Module, hidden: torch.Tensor, state: dict[str, Any]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        _atomic_save_tensors(layer.state_dict(), self.directory / f"layer_{layer_index}.safetensors")
+        _atomic_save_tensors(layer.state_dict(), self.layer_path(layer_index))
         _atomic_save_tensors({"hidden": hidden}, self.directory / "hidden.safetensors")
         _atomic_write_text(json.dumps(state), self.state_path)  # last: it commits the layer
 
@@ -281,7 +285,7 @@ class Checkpoint:
 
     def restore_layer(self, index: int, layer: nn.Module, adapter: ModelAdapter, sizes: LayerSizes) -> None:
         adapter.resize_layer(layer, sizes)
-        state = load_file(str(self.directory / f"layer_{index}.safetensors"))
+        state = load_file(str(self.layer_path(index)))
         for name, module in layer.named_modules():  # output biases a method added (FLAP)
             if isinstance(module, nn.Linear) and module.bias is None and f"{name}.bias" in state:
                 add_zero_bias(module)
