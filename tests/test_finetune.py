@@ -277,14 +277,19 @@ def test_an_error_mid_run_leaves_the_model_as_it_was(pruned_dir: Path, instructi
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_micro_batching_does_not_change_the_result(pruned_dir: Path, instructions: Path) -> None:
-    states = []
+def test_micro_batching_does_not_change_the_step(pruned_dir: Path, instructions: Path) -> None:
+    # The loss of a step is the mean over the targets of the whole batch, however it is split. (Weights
+    # after the step are not compared: Adam's first update is close to lr * sign(grad), so rounding
+    # noise on gradient entries that cancel to ~0 moves them by up to lr.)
+    logs = []
     for micro in (1, 4):
         model, tokenizer = _load(pruned_dir)
-        finetune(model, tokenizer, _config(instructions, micro_batch_size=micro, max_steps=2, lora_dropout=0.0),
-                 progress=False)
-        states.append(model.state_dict())
-    assert all(torch.allclose(states[0][k], states[1][k], atol=1e-6) for k in states[0])
+        report = finetune(model, tokenizer, _config(instructions, micro_batch_size=micro, max_steps=1,
+                                                    lora_dropout=0.0), progress=False)
+        logs.append(report.log[0])
+    assert logs[0].tokens == logs[1].tokens
+    assert logs[0].loss == pytest.approx(logs[1].loss, rel=1e-5)
+    assert logs[0].grad_norm == pytest.approx(logs[1].grad_norm, rel=1e-4)
 
 
 def test_resume_after_interruption_is_bit_identical(pruned_dir: Path, instructions: Path, tmp_path: Path) -> None:

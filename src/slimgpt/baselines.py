@@ -292,7 +292,9 @@ class MagnitudeMethod(_ScoredMethod):
 
 class WandaSPMethod(_ScoredMethod):
     """Wanda-sp: mean_i abs(W_ij) * norm(X_j) per o_proj / down_proj input column, summed over a head;
-    layer by layer on the inputs the pruned predecessors produce (as FLAP's code)."""
+    layer by layer on the inputs the pruned predecessors produce, as FLAP's code. One difference: the
+    driver collects down_proj's inputs after the layer's own heads are pruned (FLAP's code collects both
+    modules' inputs in one pass before pruning either)."""
 
     name = "wanda-sp"
 
@@ -387,8 +389,9 @@ class FLAPMethod(_ScoredMethod):
         return self._compensated(job, lowest_units(self.channel_scores[job.layer], job.rounds))
 
     def ratio_convention(self, report: PruneReport) -> str:
-        return ("FLAP's --pruning_ratio is the fraction of the decoder's projection weights removed (norms "
-                "excluded, within 0.1% of the decoder-parameter fraction); per-layer ratios are adaptive "
+        return ("FLAP's --pruning_ratio counts only the projection weights (q, k, v, o, gate, up, down), so it "
+                "reads slightly above the decoder-parameter fraction, which also counts norms and biases; "
+                "per-layer ratios are adaptive "
                 f"({report.schedule['low']:.3f}..{report.schedule['high']:.3f}); here {_with_totals(report)}, "
                 "net of the output biases FLAP adds")
 
@@ -474,6 +477,8 @@ class LLMPrunerMethod(_ScoredMethod):
                 plans[i] = layer_plan
             self.layer_ratio = sub.high
             windows = calibration[:config.taylor_samples, :config.taylor_seqlen]
+            logger.info("llm-pruner: Taylor importance from the LM loss of %d x %d calibration tokens; layers %s "
+                        "pruned at ratio %.3f", *windows.shape, _span(pruned), self.layer_ratio)
             scores = taylor_importance(model, adapter, windows, list(pruned), config.gqa_policy, config.batch_size)
             for i, (attn, channels) in scores.items():
                 self.attention_scores[i], self.channel_scores[i] = attn, channels

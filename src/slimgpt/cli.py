@@ -76,11 +76,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if checkpoint.exists() and not args.resume:
         raise SlimGPTError(f"a checkpoint of an earlier run is at {checkpoint}: pass --resume to continue it, "
                            "or delete it to start over")
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu",
-                                  trust_remote_code=args.trust_remote_code)
-    report = prune_model(model, config, tokenizer=tokenizer, checkpoint_dir=checkpoint, resume=args.resume,
-                         model_name=args.model)
-    save_pruned(model, tokenizer, report, output, overwrite=args.overwrite)
+    if args.stream:  # one decoder layer in memory at a time (slimgpt.streaming)
+        from slimgpt.streaming import stream_prune
+
+        report = stream_prune(args.model, config, output, dtype=args.dtype, checkpoint_dir=checkpoint,
+                              resume=args.resume, overwrite=args.overwrite, model_name=args.model,
+                              trust_remote_code=args.trust_remote_code).report
+    else:
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu",
+                                      trust_remote_code=args.trust_remote_code)
+        report = prune_model(model, config, tokenizer=tokenizer, checkpoint_dir=checkpoint, resume=args.resume,
+                             model_name=args.model)
+        save_pruned(model, tokenizer, report, output, overwrite=args.overwrite)
     shutil.rmtree(checkpoint, ignore_errors=True)
     if args.json:
         Path(args.json).write_text(report.to_json())
@@ -113,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     prune.add_argument("--trust-remote-code", action="store_true")
     prune.add_argument("--json", default=None, help="also write the report JSON here")
+    prune.add_argument("--stream", action="store_true",
+                       help="for models larger than CPU RAM: read one decoder layer at a time from the safetensors "
+                            "shards and write it out as soon as it is pruned (works with --resume)")
     _add_prune_options(prune)
     prune.set_defaults(func=cmd_prune)
 

@@ -61,8 +61,19 @@ METHOD_SUMMARIES = {
 }
 
 
+def _options(report: PruneReport) -> str:
+    cfg = report.config
+    if report.method != "slimgpt":  # SlimGPT's solver options do not apply to the baselines
+        taylor = (f", gradient pass on at most {cfg.get('taylor_samples')} windows x {cfg.get('taylor_seqlen')} tokens"
+                  if report.method == "llm-pruner" else "")
+        return f"GQA policy {cfg.get('gqa_policy')}, round-to {cfg.get('round_to')}{taylor}"
+    return (f"head score {cfg.get('head_score')}, compensation {cfg.get('compensate')},\n"
+            f"  FFN groups {cfg.get('group_schedule')}, GQA policy {cfg.get('gqa_policy')},\n"
+            f"  damping {cfg.get('percdamp')}, round-to {cfg.get('round_to')}")
+
+
 def model_card(report: PruneReport) -> str:
-    cfg, calib = report.config, report.calibration
+    calib = report.calibration
     ratios = ", ".join(f"{r:.3f}" for r in report.schedule["ratios"])
     widths = "\n".join(
         f"| {r.layer} | {r.heads_kept}/{r.heads_total} | {r.kv_heads_kept}/{r.kv_heads_total} | "
@@ -86,9 +97,7 @@ Physically smaller: every layer has its own width.
   all parameters: {report.total_params_before:,} -> {report.total_params_after:,}
 - Schedule: {report.schedule["name"]}; per-layer ratios: {ratios}
 - Calibration: {calib["source"]}, {calib["nsamples"]} x {calib["seqlen"]} tokens, seed {calib["seed"]}
-- Options: head score {cfg.get("head_score")}, compensation {cfg.get("compensate")},
-  FFN groups {cfg.get("group_schedule")}, GQA policy {cfg.get("gqa_policy")},
-  damping {cfg.get("percdamp")}, round-to {cfg.get("round_to")}
+- Options: {_options(report)}
 - Versions: {versions}
 
 | layer | heads | kv heads | ffn |

@@ -6,6 +6,9 @@
    method decide which heads go, write the compensated o_proj; run its attention and FFN halves with a
    hook on down_proj's input, let the method decide which channels go, write down_proj; shrink the
    layer physically; run the pruned layer to get the next layer's inputs.
+A method may plan before the loop (``method.plan``: the baselines' uniform ratios, FLAP's global
+ranking, LLM-Pruner's gradients); SlimGPT uses ``plan_schedule``. Methods that need no data (magnitude)
+skip every calibration pass.
 Only the layer being pruned is on the compute device; activations can stay on the CPU (``offload``).
 Each finished layer can be checkpointed, and an interrupted run resumed bit for bit.
 """
@@ -378,6 +381,7 @@ def prune_model(
     layer_data = calibration if getattr(method, "needs_layer_inputs", method.needs_data) else None
 
     params_before = decoder_params(model, adapter)
+    dense_output_biases = _output_biases(model, adapter)
     total_before = sum(p.numel() for p in model.parameters())
     logger.info("schedule %s: per-layer ratios %s; target %.2f%%, realised %.2f%% of decoder parameters",
                 schedule.schedule, [round(p.ratio, 4) for p in schedule.layers], 100 * schedule.target_ratio,
@@ -437,7 +441,7 @@ def prune_model(
             break
 
     if compact and len(rows) == len(layers):
-        _adopt_slim_config(model, adapter)
+        _adopt_slim_config(model, adapter, dense_output_biases)
     report = PruneReport(
         model=model_name or str(getattr(model.config, "_name_or_path", "")),
         method=config.method,
@@ -553,13 +557,24 @@ def _record_errors(row: LayerReport, W_o: torch.Tensor, attn: Decision, attn_sta
         row.ffn_error_uncompensated = reconstruction_error(W_down, dropped, ffn_stats.hessian)
 
 
-def _adopt_slim_config(model: Any, adapter: ModelAdapter) -> None:
-    """Give the pruned model its per-layer config and the matching slim class (same forward)."""
+def _output_biases(model: Any, adapter: ModelAdapter) -> list[bool]:
+    """Which o_proj / down_proj of each layer has a bias (two entries per layer)."""
+    return [linear.bias is not None for layer in adapter.decoder_layers(model)
+            for linear in (adapter.attn_output(layer), adapter.mlp_output(layer))]
+
+
+def _adopt_slim_config(model: Any, adapter: ModelAdapter, dense_output_biases: list[bool]) -> None:
+    """Give the pruned model its per-layer config and the matching slim class (same forward).
+
+    If the method added an output bias the family does not build (FLAP on LLaMA), the config says so
+    (``layer_output_bias``) and every layer gets both biases, so the saved weights match what it builds.
+    """
     old = model.config
     layers = adapter.decoder_layers(model)
     sizes = [adapter.layer_sizes(layer) for layer in layers]
-    output_bias = any(linear.bias is not None for layer in layers
-                      for linear in (adapter.attn_output(layer), adapter.mlp_output(layer)))
+    added = any(now and not before for now, before in zip(_output_biases(model, adapter), dense_output_biases,
+                                                          strict=True))
+    output_bias = added or bool(getattr(old, "layer_output_bias", False))
     if output_bias:  # every layer gets both biases, so the saved weights match what the config builds
         for layer in layers:
             add_zero_bias(adapter.attn_output(layer))

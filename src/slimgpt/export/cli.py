@@ -1,0 +1,61 @@
+"""``slimgpt export``: parse arguments, call one exporter, print where the result is."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from slimgpt.errors import ConfigError
+
+FORMAT_HELP = """formats (all opt-in; a saved folder itself never contains code):
+  remote-code   add configuration_slimgpt.py / modeling_slimgpt.py and an auto_map to config.json, so
+                AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) works without slimgpt;
+                in place unless --output is given
+  llama-padded  zero-pad removed heads and channels back to a stock Llama/Mistral/Qwen2/OPT config
+                (--output required): loads in every runtime, exact, but no smaller or faster than dense
+  gguf          one GGUF file for llama.cpp (deci architecture: per-layer widths, pruned size and speed;
+                --output FILE.gguf required, --outtype f32|f16)
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``export`` subcommand."""
+    from slimgpt.export import FORMATS
+    from slimgpt.export.gguf import OUTTYPES
+
+    parser = subparsers.add_parser(
+        "export", help="make a pruned model usable without slimgpt (remote code, padded stock config, GGUF)",
+        description="Export a folder saved by `slimgpt prune` for runtimes without slimgpt.",
+        epilog=FORMAT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("directory", metavar="DIR", help="folder written by `slimgpt prune`")
+    parser.add_argument("--format", required=True, choices=FORMATS, dest="export_format")
+    parser.add_argument("--output", "-o", default=None,
+                        help="output folder (remote-code: default edits DIR in place; llama-padded) or file (gguf)")
+    parser.add_argument("--outtype", choices=OUTTYPES, default="f16",
+                        help="gguf: float type of the weight matrices; norms and biases stay f32 (default %(default)s)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from slimgpt.export import export_gguf, export_padded, export_remote_code
+
+    source = Path(args.directory)
+    if not source.is_dir():
+        raise ConfigError(f"{source} is not a folder: pass the folder written by `slimgpt prune`")
+    if args.export_format != "remote-code" and args.output is None:
+        raise ConfigError(f"--format {args.export_format} writes a new {'file' if args.export_format == 'gguf' else 'folder'}:"
+                          " pass --output")
+    if args.export_format == "remote-code":
+        path = export_remote_code(source, args.output, overwrite=args.overwrite)
+        print(f"{path}: loads with AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)")
+    elif args.export_format == "llama-padded":
+        path = export_padded(source, args.output, overwrite=args.overwrite)
+        print(f"{path}: stock config, zero-padded (exact, no speed-up)")
+    else:
+        result = export_gguf(source, args.output, outtype=args.outtype, overwrite=args.overwrite)
+        for note in result.notes:
+            print(f"note: {note}")
+        print(f"{result.path}: GGUF ({args.outtype}, llama.cpp architecture deci)")
+    return 0

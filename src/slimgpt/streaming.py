@@ -1,0 +1,482 @@
+"""Pruning models larger than CPU RAM: one decoder layer in memory at a time (issue 6).
+
+The in-memory path (``load_model`` + ``prune_model`` + ``save_pruned``) holds the whole dense model in
+CPU RAM. Pruning itself never needs that: the driver works on one decoder layer at a time. Streaming
+keeps everything else on the ``meta`` device (shapes, no storage) and reads weights lazily from the
+checkpoint's safetensors shards:
+
+1. Build the model skeleton on ``meta`` from the config (``plan()`` and the parameter counts only need
+   shapes).
+2. Materialise only the decoder's non-layer modules (embeddings, final norm, rotary tables): the
+   calibration capture runs them. ``lm_head`` is never materialised.
+3. ``LayerHooks.before``: read decoder layer i from the shards; the driver prunes it;
+   ``LayerHooks.after``: write it into its own output shard and send it back to ``meta``.
+4. Copy the non-layer tensors (embeddings, final norm, lm_head) straight from the source shards into
+   the output's first shard: pruning does not change them. Write ``model.safetensors.index.json``, the
+   slim config, generation config, tokenizer, report and model card; the folder loads with
+   ``AutoModelForCausalLM.from_pretrained`` (after ``import slimgpt``) and holds the same weights as the
+   in-memory path's output.
+
+Resume: the driver checkpoints every pruned layer (its weights, the next layer's inputs, the report
+rows). The output folder is written atomically, so a crashed run leaves no partial output; on
+``resume`` the already-pruned layers are copied from the checkpoint into the new output, one at a
+time, and never recomputed.
+
+CPU memory: the non-layer modules + one decoder layer + the calibration activations, instead of the
+whole model + the calibration activations (docs/memory.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from slimgpt.adapters import ModelAdapter, get_adapter
+from slimgpt.config import PruneConfig
+from slimgpt.errors import ConfigError, SlimGPTError
+from slimgpt.io import check_output, model_card, write_atomic_dir
+from slimgpt.methods import get_method
+from slimgpt.modeling import FAMILIES, resolve_model_path, slim_config_from
+from slimgpt.prune import Checkpoint, LayerHooks, prune_model
+from slimgpt.report import PruneReport
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*"]
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_DTYPE_NAMES: dict[str, torch.dtype | None] = {
+    "auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+# --- the source checkpoint ------------------------------------------------------------------------------
+
+def resolve_checkpoint(name_or_path: str | Path) -> Path:
+    """A local folder (or built-in name) as is; anything else is a Hub id, downloaded to the HF cache.
+
+    Only configs, safetensors shards and tokenizer files are fetched: streaming reads nothing else, and
+    the shards go to disk, never all into RAM.
+    """
+    path = Path(resolve_model_path(str(name_or_path)))
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(name_or_path), allow_patterns=HUB_PATTERNS))
+    except Exception as error:  # the hub client raises many types (offline, 404, gated, bad id)
+        first_line = (str(error).splitlines() or [type(error).__name__])[0]
+        raise SlimGPTError(
+            f"cannot stream model {str(name_or_path)!r}: not a local folder and not downloadable from the Hub "
+            f"({first_line}); pass a local folder with config.json and safetensors shards"
+        ) from None
+
+
+class ShardedCheckpoint:
+    """Lazy, read-only access to the tensors of a safetensors checkpoint (one file or an indexed set).
+
+    Nothing is read at construction beyond the index (or the single file's header); ``read`` opens each
+    needed shard once and reads only the requested tensors.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        index = directory / INDEX_NAME
+        if index.exists():
+            self.weight_map: dict[str, str] = dict(json.loads(index.read_text())["weight_map"])
+        elif (directory / SINGLE_NAME).exists():
+            with safe_open(str(directory / SINGLE_NAME), framework="pt") as handle:
+                self.weight_map = dict.fromkeys(handle.keys(), SINGLE_NAME)
+        else:
+            raise SlimGPTError(
+                f"{directory} has no {SINGLE_NAME} or {INDEX_NAME}: streaming reads safetensors only; convert the "
+                "checkpoint (load it once and save_pretrained it) or prune without --stream"
+            )
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The named tensors, on the CPU in their stored dtype."""
+        by_file: dict[str, list[str]] = defaultdict(list)
+        for name in names:
+            if name not in self.weight_map:
+                raise SlimGPTError(f"tensor {name!r} is missing from the checkpoint in {self.directory}: the "
+                                   "shards do not match config.json; re-download or re-save the model")
+            by_file[self.weight_map[name]].append(name)
+        tensors: dict[str, torch.Tensor] = {}
+        for file_name, file_names in by_file.items():
+            with safe_open(str(self.directory / file_name), framework="pt", device="cpu") as handle:
+                for name in file_names:
+                    tensors[name] = handle.get_tensor(name)
+        return tensors
+
+    def stored_dtype(self) -> torch.dtype | None:
+        """The dtype of the first floating tensor (what ``dtype="auto"`` falls back to)."""
+        for name, file_name in self.weight_map.items():
+            with safe_open(str(self.directory / file_name), framework="pt") as handle:
+                dtype = _SAFETENSORS_DTYPES.get(handle.get_slice(name).get_dtype())
+            if dtype is not None:
+                return dtype
+        return None
+
+
+def _dtype(value: torch.dtype | str | None, config: Any, source: ShardedCheckpoint) -> torch.dtype:
+    """The dtype to prune in: the one asked for, else the config's, else the stored one (like "auto")."""
+    if isinstance(value, str):
+        if value not in _DTYPE_NAMES:
+            raise ConfigError(f"--dtype {value!r} is not one of: {', '.join(_DTYPE_NAMES)}")
+        value = _DTYPE_NAMES[value]
+    if value is not None:
+        return value
+    configured = getattr(config, "dtype", None)
+    if isinstance(configured, str):
+        configured = _DTYPE_NAMES.get(configured)
+    if isinstance(configured, torch.dtype):
+        return configured
+    return source.stored_dtype() or torch.float32
+
+
+# --- the model skeleton -----------------------------------------------------------------------------------
+
+class LazyModel:
+    """A model on the ``meta`` device whose modules can be filled from, and emptied back to, the checkpoint."""
+
+    def __init__(self, source: ShardedCheckpoint, config: Any, dtype: torch.dtype,
+                 attn_implementation: str | None = None, trust_remote_code: bool = False) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.source = source
+        self.dtype = dtype
+        self.adapter: ModelAdapter = get_adapter(config)
+        kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        with torch.device("meta"):
+            self.model: Any = AutoModelForCausalLM.from_config(config, **kwargs)
+        self.model.eval()
+        self.layers = self.adapter.decoder_layers(self.model)
+        names = {id(module): name for name, module in self.model.named_modules()}
+        self.layer_prefixes = [names[id(layer)] + "." for layer in self.layers]
+        prefix = getattr(self.model, "base_model_prefix", "")
+        self._strip = f"{prefix}." if prefix else ""
+        self._names = names
+
+    def checkpoint_key(self, name: str) -> str:
+        """The checkpoint's name for a state-dict key (some checkpoints omit the base model prefix)."""
+        if name not in self.source and self._strip and name.startswith(self._strip):
+            bare = name.removeprefix(self._strip)
+            if bare in self.source:
+                return bare
+        return name
+
+    def read(self, names: Iterable[str], like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tensors by state-dict key, cast to the skeleton's dtype for each (floating tensors only)."""
+        keys = {name: self.checkpoint_key(name) for name in names}
+        stored = self.source.read(keys.values())
+        tensors = {}
+        for name, key in keys.items():
+            tensor = stored.pop(key)
+            target = like[name]
+            tensors[name] = tensor.to(target.dtype) if tensor.is_floating_point() else tensor
+        return tensors
+
+    def materialise(self, module: nn.Module) -> None:
+        """Fill ``module`` from the checkpoint, on the CPU; non-persistent buffers are recomputed."""
+        prefix = self._names[id(module)] + "."
+        skeleton = module.state_dict()
+        tensors = self.read([prefix + key for key in skeleton], {prefix + k: v for k, v in skeleton.items()})
+        module.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items()}, strict=True, assign=True)
+        for name, sub in module.named_modules():
+            if any(b is not None and b.is_meta for b in sub.buffers(recurse=False)):
+                self._rebuild_buffers(sub, f"{prefix}{name}")
+
+    def _rebuild_buffers(self, module: nn.Module, name: str) -> None:
+        """Non-persistent buffers (rotary tables) are not in the checkpoint: recompute them the way
+        ``from_pretrained`` does, with the model's ``_init_weights``. Only for parameterless modules, so
+        no loaded weight can be re-initialised by accident."""
+        if any(True for _ in module.parameters(recurse=False)):
+            raise SlimGPTError(f"module {name} has buffers that are not in the checkpoint and weights too; "
+                               "streaming cannot rebuild it: prune without --stream")
+        module.to_empty(device="cpu", recurse=False)
+        self.model._init_weights(module)
+
+    def release(self, module: nn.Module) -> None:
+        """Send ``module`` back to ``meta``: its storage is freed, its shapes stay for the driver."""
+        module.to("meta")
+
+    def decoder_others(self) -> list[nn.Module]:
+        """The decoder's non-layer children: what the driver's calibration capture runs."""
+        decoder = self.model.get_decoder()
+        return [module for name, module in decoder.named_children() if name != "layers"]
+
+    def non_layer_keys(self) -> list[str]:
+        """State-dict keys outside the decoder layers, tied copies left out (as ``save_pretrained`` does)."""
+        tied = set(getattr(self.model, "all_tied_weights_keys", None) or {})
+        return [key for key in self.model.state_dict()
+                if not key.startswith(tuple(self.layer_prefixes)) and key not in tied]
+
+    def resident_params(self, modules: Iterable[nn.Module]) -> int:
+        return sum(p.numel() for module in modules for p in module.parameters() if not p.is_meta)
+
+
+# --- the output ------------------------------------------------------------------------------------------
+
+class ShardWriter:
+    """Writes a model as numbered safetensors shards plus the index ``from_pretrained`` reads."""
+
+    def __init__(self, directory: Path, n_shards: int) -> None:
+        self.directory = directory
+        self.n_shards = n_shards
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+        self.total_parameters = 0
+
+    def shard_name(self, number: int) -> str:
+        return f"model-{number:05d}-of-{self.n_shards:05d}.safetensors"
+
+    def write(self, number: int, tensors: dict[str, torch.Tensor]) -> None:
+        name = self.shard_name(number)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        save_file(tensors, str(self.directory / name), metadata={"format": "pt"})
+        for key, tensor in tensors.items():
+            self.weight_map[key] = name
+            self.total_size += tensor.numel() * tensor.element_size()
+            self.total_parameters += tensor.numel()
+
+    def finish(self) -> None:
+        written = {name for name in self.weight_map.values()}
+        if len(written) != self.n_shards:
+            raise RuntimeError(f"{len(written)} of {self.n_shards} shards were written")  # a bug, not user input
+        index = {"metadata": {"total_size": self.total_size, "total_parameters": self.total_parameters},
+                 "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+# --- the hooks ---------------------------------------------------------------------------------------------
+
+@dataclass
+class StreamStats:
+    """What streaming held in memory and how long the disk took; the tests assert on these."""
+
+    layer_params_max: int = 0  # the largest dense decoder layer, in parameters
+    peak_resident_layer_params: int = 0  # decoder-layer parameters materialised at once, at most
+    resident_other_params: int = 0  # non-layer parameters materialised (embeddings, final norm)
+    layers_streamed: list[int] = field(default_factory=list)  # pruned in this run
+    layers_restored: list[int] = field(default_factory=list)  # copied from the checkpoint on resume
+    read_seconds: float = 0.0
+    write_seconds: float = 0.0
+
+
+class StreamingHooks(LayerHooks):
+    """Materialise layer i before the driver prunes it; write it to its shard and free it afterwards."""
+
+    def __init__(self, lazy: LazyModel, writer: ShardWriter, stats: StreamStats,
+                 extra: LayerHooks | None = None) -> None:
+        self.lazy = lazy
+        self.writer = writer
+        self.stats = stats
+        self.extra = extra
+
+    def before(self, index: int, layer: nn.Module) -> None:
+        start = time.perf_counter()
+        self.lazy.materialise(layer)
+        self.stats.read_seconds += time.perf_counter() - start
+        resident = self.lazy.resident_params(self.lazy.layers)
+        self.stats.peak_resident_layer_params = max(self.stats.peak_resident_layer_params, resident)
+        self.stats.layers_streamed.append(index)
+        if self.extra is not None:
+            self.extra.before(index, layer)
+
+    def after(self, index: int, layer: nn.Module) -> None:
+        if self.extra is not None:
+            self.extra.after(index, layer)
+        start = time.perf_counter()
+        prefix = self.lazy.layer_prefixes[index]
+        self.writer.write(index + 2, {prefix + k: v for k, v in layer.state_dict().items()})
+        self.lazy.release(layer)
+        self.stats.write_seconds += time.perf_counter() - start
+
+
+# --- the entry point ----------------------------------------------------------------------------------------
+
+@dataclass
+class StreamResult:
+    report: PruneReport
+    output: Path
+    stats: StreamStats
+
+
+def _load_tokenizer(directory: Path, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as error:
+        logger.info("no tokenizer in %s (%s); pass calibration token ids", directory, str(error).splitlines()[0])
+        return None
+
+
+def _generation_config(directory: Path, config: Any) -> Any:
+    from transformers import GenerationConfig
+
+    if (directory / "generation_config.json").exists():
+        return GenerationConfig.from_pretrained(directory)
+    return GenerationConfig.from_model_config(config)
+
+
+def stream_prune(
+    model: str | Path,
+    config: PruneConfig,
+    output: str | Path,
+    calibration: torch.Tensor | None = None,
+    tokenizer: Any = None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    model_name: str = "",
+    progress: bool = True,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    layer_hooks: LayerHooks | None = None,
+) -> StreamResult:
+    """Prune the checkpoint ``model`` (folder, built-in name or Hub id) into ``output``, layer by layer.
+
+    Never holds more than one decoder layer of weights in memory. ``output`` gets the same files as
+    ``save_pruned`` (shards + index, slim config, tokenizer, report, model card), written atomically.
+    tokenizer: defaults to the checkpoint's (needed only when ``calibration`` is None).
+    checkpoint_dir / resume: the driver's per-layer checkpoint; resuming copies the layers it holds into
+    the output instead of recomputing them.
+    layer_hooks: extra callbacks, called while the layer is materialised (after loading, before writing).
+    """
+    output_path = check_output(output, overwrite)
+    _check_streamable(config)
+    if resume and checkpoint_dir is None:
+        raise ConfigError("resuming needs the checkpoint of the earlier run: pass its --checkpoint-dir")
+    from transformers import AutoConfig
+
+    directory = resolve_checkpoint(model)
+    source = ShardedCheckpoint(directory)
+    try:
+        model_config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise SlimGPTError(f"cannot read config.json in {directory}: {str(error).splitlines()[0]}") from None
+    get_adapter(model_config)  # unsupported families fail here, before any work
+    target_dtype = _dtype(dtype, model_config, source)
+    lazy = LazyModel(source, model_config, target_dtype, attn_implementation, trust_remote_code)
+    if tokenizer is None:
+        tokenizer = _load_tokenizer(directory, trust_remote_code)
+    checkpoint = Checkpoint(Path(checkpoint_dir)) if checkpoint_dir is not None else None
+    stats = StreamStats(layer_params_max=max(sum(p.numel() for p in layer.parameters()) for layer in lazy.layers))
+    reports: list[PruneReport] = []
+
+    def fill(out: Path) -> None:
+        writer = ShardWriter(out, n_shards=len(lazy.layers) + 1)
+        if checkpoint is not None and resume and checkpoint.exists():
+            _copy_checkpointed_layers(lazy, checkpoint, writer, stats)
+        others = lazy.decoder_others()
+        for module in others:
+            lazy.materialise(module)
+        lazy.model.tie_weights()
+        stats.resident_other_params = lazy.resident_params(others)
+        hooks = StreamingHooks(lazy, writer, stats, layer_hooks)
+        with warnings.catch_warnings():
+            # On resume the driver loads the checkpointed layers into the meta skeleton: a no-op here,
+            # on purpose (they are already in the output), which torch warns about once per tensor.
+            warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
+            report = prune_model(lazy.model, config, calibration, tokenizer, checkpoint_dir=checkpoint_dir,
+                                 resume=resume, model_name=model_name or str(model), progress=progress,
+                                 layer_hooks=hooks)
+        for module in others:
+            lazy.release(module)
+        writer.write(1, _rest_of_model(lazy, writer))
+        writer.finish()
+        _write_metadata(out, lazy, model_config, directory, tokenizer, report)
+        reports.append(report)
+
+    written = write_atomic_dir(output_path, fill, overwrite)
+    logger.info("streamed %d layers (%d restored from the checkpoint); at most %d decoder-layer parameters in "
+                "memory at once; reading %.1fs, writing %.1fs", len(stats.layers_streamed),
+                len(stats.layers_restored), stats.peak_resident_layer_params, stats.read_seconds,
+                stats.write_seconds)
+    return StreamResult(reports[0], written, stats)
+
+
+def _check_streamable(config: PruneConfig) -> None:
+    """Fail before any download or read if the method must see every layer's weights before pruning one
+    (the driver refuses the same, later, when it gets layer hooks)."""
+    method = get_method(config)
+    if getattr(method, "plan", None) is not None and getattr(method, "plan_reads_weights", False):
+        raise ConfigError(f"--method {config.method} ranks every layer before pruning any, which needs the whole "
+                          "model in memory: prune without --stream")
+
+
+def _copy_checkpointed_layers(lazy: LazyModel, checkpoint: Checkpoint, writer: ShardWriter,
+                              stats: StreamStats) -> None:
+    """Write the layers an interrupted run already pruned from its checkpoint, one at a time."""
+    done = len(checkpoint.load_state()["rows"])
+    for index in range(done):
+        start = time.perf_counter()
+        tensors = load_file(str(checkpoint.layer_path(index)))
+        prefix = lazy.layer_prefixes[index]
+        writer.write(index + 2, {prefix + k: v for k, v in tensors.items()})
+        del tensors
+        stats.write_seconds += time.perf_counter() - start
+        stats.layers_restored.append(index)
+    logger.info("copied %d pruned layers from %s", done, checkpoint.directory)
+
+
+def _rest_of_model(lazy: LazyModel, writer: ShardWriter) -> dict[str, torch.Tensor]:
+    """Everything not yet written: the non-layer tensors, copied from the source (pruning leaves them
+    unchanged, so they are never materialised), and the zero output biases the driver gives every layer
+    once any layer got one (``layer_output_bias``) after earlier layers were already written."""
+    final = lazy.model.state_dict()  # meta: the pruned shapes
+    rest = lazy.non_layer_keys()
+    tensors = lazy.read(rest, final)
+    tied = set(getattr(lazy.model, "all_tied_weights_keys", None) or {})
+    for key in final:
+        if key in writer.weight_map or key in tensors or key in tied:
+            continue
+        if not key.endswith(".bias"):
+            raise RuntimeError(f"{key} of the pruned model was never written")  # a bug, not user input
+        tensors[key] = torch.zeros(final[key].shape, dtype=final[key].dtype)
+    return tensors
+
+
+def _write_metadata(out: Path, lazy: LazyModel, model_config: Any, source_dir: Path, tokenizer: Any,
+                    report: PruneReport) -> None:
+    """Config (slim, per-layer widths), generation config, tokenizer, report and model card."""
+    if len(report.layers) != len(lazy.layers):
+        raise RuntimeError(f"only {len(report.layers)} of {len(lazy.layers)} layers were pruned")
+    from slimgpt.adapters import LayerSizes
+
+    sizes = [LayerSizes(r.heads_kept, r.kv_heads_kept, r.ffn_kept) for r in report.layers]
+    output_bias = bool(getattr(lazy.model.config, "layer_output_bias", False))  # set by the driver
+    slim = slim_config_from(model_config, sizes, output_bias=output_bias)
+    family = slim.model_type.removeprefix("slimgpt_")
+    slim.architectures = [FAMILIES[family][1].__name__]
+    slim.dtype = lazy.dtype
+    slim.save_pretrained(out)
+    _generation_config(source_dir, model_config).save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    (out / "slimgpt_report.json").write_text(report.to_json(with_indices=True))
+    (out / "README.md").write_text(model_card(report))
