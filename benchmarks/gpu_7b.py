@@ -29,11 +29,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from slimgpt import PruneConfig, prune_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
-from peak_memory import Shape, estimate  # noqa: E402
-from prune_vs_forward import forward_seconds  # noqa: E402
+from peak_memory import Shape, estimate
+from prune_vs_forward import forward_seconds
 
-PAPER = {"source": "SlimGPT (NeurIPS 2024) Table 3, LLaMA-7B, one A100", "seconds": {0.2: 678.0, 0.5: 1074.0},
-         "peak_gb": 7.4}
+PAPER_SOURCE = "SlimGPT (NeurIPS 2024) Table 3, LLaMA-7B, one A100"
+PAPER_SECONDS = {0.2: 678.0, 0.5: 1074.0}
+PAPER_PEAK_GB = 7.4
+PAPER = {"source": PAPER_SOURCE, "seconds": PAPER_SECONDS, "peak_gb": PAPER_PEAK_GB}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -71,7 +73,7 @@ def run(args: argparse.Namespace) -> dict:
         row = {"ratio": ratio, "prune_seconds": seconds, "build_seconds": build,
                "stage_seconds": report.stage_seconds, "peak_memory_bytes": report.peak_memory_bytes,
                "realised_ratio": report.realised_ratio,
-               "paper_seconds": PAPER["seconds"].get(ratio) if args.paper_shape else None}
+               "paper_seconds": PAPER_SECONDS.get(ratio) if args.paper_shape else None}
         if device.type == "cuda":
             row["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved(device))
         rows.append(row)

@@ -5,9 +5,9 @@
                                                           # formula vs peak RSS on a small CPU model
 
 The measurement runs each case in a fresh subprocess and reads ``resource.getrusage`` (peak resident set
-size, ru_maxrss): the peak after building / pruning minus the peak right after the imports. The shapes
-are chosen so that every big buffer is over glibc's 32 MiB mmap threshold, so freed memory goes back to
-the OS and RSS follows what is alive.
+size, ru_maxrss) at the end, minus the resident set size right after the imports (/proc/self/status).
+The child runs with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then serves every buffer over 64 KiB with its
+own mmap and unmaps it when freed, so RSS follows what is alive instead of what the heap once held.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 GIB = 2**30
 
@@ -65,10 +66,16 @@ SHAPES = {
 }
 
 
+# float32 F x F matrices alive at the peak of the FFN solve (down_proj's Hessian). Fast: counted in
+# solver/obs.py (statistics, damped copy, Hinv, two temporaries of the downdate). Reference: measured
+# (statistics, damped copy, Hinv, its permuted copy, the upper Cholesky factor, LAPACK temporaries).
+HESSIAN_COPIES = {"fast": 5.0, "reference": 7.5}
+
+
 def estimate(shape: Shape, nsamples: int, seqlen: int, dtype_bytes: int, batch_size: int = 1,
              group: int = 1024, offload: bool = False, device_is_cpu: bool = False,
-             stream: bool = False) -> dict[str, float]:
-    """Peak bytes of ``prune_model`` (fast solver), term by term; see docs/memory.md for each term.
+             stream: bool = False, solver: str = "fast") -> dict[str, float]:
+    """Peak bytes of ``prune_model``, term by term; see docs/memory.md for each term.
 
     device: the layer being pruned, its solver state, and the calibration activations unless offloaded.
     cpu: the model (all of it, or with ``stream`` the non-layer modules + one layer), plus the
@@ -83,7 +90,7 @@ def estimate(shape: Shape, nsamples: int, seqlen: int, dtype_bytes: int, batch_s
         "layer_weights": shape.layer_params * b,
         # float32 Hessians during the FFN solve: X X^T of o_proj (d^2) kept for the error report; of
         # down_proj: the statistics, the damped copy, Hinv, and two d^2 temporaries of the Schur downdate.
-        "hessians": 4 * (d * d + 5 * F * F),
+        "hessians": 4 * (d * d + HESSIAN_COPIES[solver] * F * F),
         # float32 weight copies: W_o and its decision (2 d^2); W_down, the job's copy, the solver's and the
         # product W_P @ solved (4 dF); the group's columns / rows (d g + 2 g F).
         "weight_copies": 4 * (2 * d * d + 4 * d * F + d * group + 2 * group * F),
@@ -128,7 +135,14 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def _llama_config(shape: Shape):  # type: ignore[no-untyped-def]
+def _current_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status: the measurement needs Linux")
+
+
+def _llama_config(shape: Shape) -> Any:
     from transformers import LlamaConfig
 
     return LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.ffn,
@@ -155,7 +169,7 @@ def child(args: dict) -> dict:
         torch.manual_seed(0)
         LlamaForCausalLM(_llama_config(shape)).save_pretrained(args["folder"])
         return {}
-    base = _peak_rss()
+    base = _current_rss()
     start = time.perf_counter()
     if args["mode"] == "memory":
         torch.manual_seed(0)
@@ -171,21 +185,37 @@ def child(args: dict) -> dict:
 
 
 def _run_child(args: dict) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(args["threads"]))
+    env = dict(os.environ, OMP_NUM_THREADS=str(args["threads"]), MALLOC_MMAP_THRESHOLD_="65536")
     done = subprocess.run([sys.executable, __file__, "--child", json.dumps(args)], env=env, check=True,
                           capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def first_group(shape: Shape, ratio: float) -> int:
+    """The largest FFN removal group of the run: the first group of the layer that loses most channels."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from slimgpt import PruneConfig, plan
+    from slimgpt.solver.structured import group_sizes
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(_llama_config(shape))
+    schedule = plan(model, PruneConfig(ratio=ratio))
+    sizes = group_sizes(max(layer.channels_removed for layer in schedule.layers))
+    return sizes[0] if sizes else 0
+
+
 def measure(shape: Shape, nsamples: int, seqlen: int, batch_size: int, ratio: float, threads: int) -> list[dict]:
     rows = []
+    group = first_group(shape, ratio)
     with tempfile.TemporaryDirectory() as folder:
         base_args = {"shape": asdict(shape), "nsamples": nsamples, "seqlen": seqlen, "batch_size": batch_size,
                      "ratio": ratio, "threads": threads, "folder": folder}
         _run_child({**base_args, "mode": "save"})
         for mode, stream in (("memory", False), ("stream", True)):
             got = _run_child({**base_args, "mode": mode})
-            predicted = estimate(shape, nsamples, seqlen, 4, batch_size, device_is_cpu=True, stream=stream)
+            predicted = estimate(shape, nsamples, seqlen, 4, batch_size, group, device_is_cpu=True, stream=stream)
             used = got["peak_rss"] - got["base_rss"]
             rows.append({"mode": mode, "measured_bytes": used, "predicted_bytes": predicted["cpu_peak"],
                          "relative_error": used / predicted["cpu_peak"] - 1, "terms": predicted, **got})
@@ -197,13 +227,13 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=256)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--measure", action="store_true", help="check the formula on a small float32 model")
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--ffn", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--ffn", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=1000)
-    parser.add_argument("--measure-nsamples", type=int, default=32)
-    parser.add_argument("--measure-seqlen", type=int, default=256)
+    parser.add_argument("--measure-nsamples", type=int, default=64)
+    parser.add_argument("--measure-seqlen", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=1)
@@ -228,6 +258,9 @@ def main() -> None:
         for row in rows:
             print(f"| {row['mode']} | {row['predicted_bytes'] / 2**20:.0f} | {row['measured_bytes'] / 2**20:.0f} | "
                   f"{100 * row['relative_error']:+.1f}% | {row['seconds']:.1f} |")
+        names = ("model_ram", "activations", "hessians", "weight_copies", "batch_activations", "work")
+        for row in rows:
+            print(f"\n{row['mode']} terms (MiB): " + ", ".join(f"{k} {row['terms'][k] / 2**20:.1f}" for k in names))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

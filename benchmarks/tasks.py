@@ -4,11 +4,12 @@ The paper measures zero-shot accuracy on commonsense tasks (BoolQ, PIQA, ...), w
 model trained on Python source cannot do above chance. These three multiple-choice tasks ask what such
 a model can know, in lm-eval's own format, so that the paper's zero-shot columns have a counterpart:
 
-| task | context | choices | chance |
-| --- | --- | --- | --- |
-| code-nextline | up to 6 lines of a file | the true next line and 3 lines of similar length from other held-out files, re-indented like the true one | 25% |
-| code-real-or-shuffled | up to 4 lines of a file | the true next line, or the same Python tokens shuffled into the same gaps | 50% |
-| code-closing | a file cut just before a run of closing brackets | the true run and other runs of the same length over ``)]}`` | 29% (3 or 4 choices) |
+- ``code-nextline``: up to 6 lines of a file, then the true next line among 4; the 3 distractors are
+  lines of similar length from other held-out files, re-indented like the true one. Chance 25%.
+- ``code-real-or-shuffled``: up to 4 lines of a file, then the true next line or the same Python
+  tokens shuffled into the same gaps (same characters, same length). Chance 50%.
+- ``code-closing``: a file cut just before a run of closing brackets; the true run or another run of
+  the same length over ``)]}`` (3 choices for one bracket, 4 for longer runs). Chance about 29%.
 
 Every item is cut from ``slimgpt.corpus.heldout_text()`` (the split the models never saw) and names its
 source file and line, so a test can check that no item comes from a training file. The held-out text
@@ -150,9 +151,13 @@ def _indent(line: str) -> str:
 
 
 def _is_code_line(line: str, low: int = 12, high: int = 80) -> bool:
-    """A line worth predicting: not blank, not a comment, of moderate length."""
+    """A line worth predicting: of moderate length, with no comment.
+
+    Commented lines are left out because the held-out codec tables (``'K'  #  0x004b -> LATIN CAPITAL
+    LETTER K``) would otherwise make many items a pattern-copying exercise.
+    """
     stripped = line.strip()
-    return low <= len(stripped) <= high and not stripped.startswith("#")
+    return low <= len(stripped) <= high and "#" not in stripped
 
 
 def _context(lines: list[str], index: int, max_lines: int, max_chars: int) -> str | None:
@@ -187,9 +192,18 @@ def _take(candidates: list[dict[str, Any]], n_items: int, rng: random.Random) ->
         taken.append(item)
         if len(taken) == n_items:
             break
-    # Items in file order, so that the jsonl reads like the corpus and diffs stay small.
-    taken.sort(key=lambda item: (item["source"], item["line"]))
-    return [{"id": f"{i:04d}", **item} for i, item in enumerate(taken)]
+    return taken
+
+
+def _numbered(items: list[dict[str, Any]], rng: random.Random) -> list[dict[str, Any]]:
+    """Items in a seeded random order, with an id each.
+
+    lm-eval's ``--limit N`` evaluates the first N items, so any prefix must be a fair sample of the
+    files and of the item kinds, not the first files in path order.
+    """
+    ordered = sorted(items, key=lambda item: (item["source"], item["line"], item["context"]))
+    rng.shuffle(ordered)
+    return [{"id": f"{i:04d}", **item} for i, item in enumerate(ordered)]
 
 
 # --- the tasks ------------------------------------------------------------------------------------
@@ -209,7 +223,7 @@ def nextline_items(documents: Sequence[Document], n_items: int, seed: int) -> li
         if _is_code_line(line)
     ]
     pool.sort(key=lambda entry: len(entry[1]))
-    candidates = []
+    candidates: list[dict[str, Any]] = []
     for document in documents:
         lines = document.lines
         for index, line in enumerate(lines):
@@ -219,7 +233,7 @@ def nextline_items(documents: Sequence[Document], n_items: int, seed: int) -> li
             if context is None:
                 continue
             candidates.append({"source": document.path, "line": index + 1, "context": context, "target": line})
-    items = _take(candidates, n_items, rng)
+    items = _numbered(_take(candidates, n_items, rng), rng)
     for item in items:
         target = item.pop("target")
         stripped, indent = target.strip(), _indent(target)
@@ -276,7 +290,7 @@ def shuffled_line(line: str, tokens: list[tokenize.TokenInfo], rng: random.Rando
 def real_or_shuffled_items(documents: Sequence[Document], n_items: int, seed: int) -> list[dict[str, Any]]:
     """Tell the true next line from the same tokens shuffled; both choices have the same length."""
     rng = random.Random(seed)
-    candidates = []
+    candidates: list[dict[str, Any]] = []
     for document in documents:
         by_line = _line_tokens(document.text)
         if by_line is None:
@@ -298,7 +312,7 @@ def real_or_shuffled_items(documents: Sequence[Document], n_items: int, seed: in
         fake = shuffled_line(candidate["target"], candidate.pop("tokens"), rng)
         if fake is not None:
             usable.append({**candidate, "fake": fake})
-    items = _take(usable, n_items, rng)
+    items = _numbered(_take(usable, n_items, rng), rng)
     for item in items:
         target, fake = item.pop("target"), item.pop("fake")
         label = rng.randrange(2)
@@ -311,11 +325,11 @@ def closing_items(documents: Sequence[Document], n_items: int, seed: int) -> lis
     """Which run of closing brackets comes next: the file is cut just before a run of ``)]}`` tokens.
 
     The choices are the true run and up to 3 other runs of the same length over ``)]}`` (3 choices for
-    a single bracket, 4 for longer runs). Brackets inside strings and comments are not tokens, so
-    never cut points. Runs longer than 3 are not used.
+    a single bracket, 4 for longer runs; up to half of the items are longer runs). Brackets inside
+    strings and comments are not tokens, so never cut points. Runs longer than 3 are not used.
     """
     rng = random.Random(seed)
-    candidates = []
+    candidates: list[dict[str, Any]] = []
     for document in documents:
         by_line = _line_tokens(document.text)
         if by_line is None:
@@ -339,7 +353,12 @@ def closing_items(documents: Sequence[Document], n_items: int, seed: int) -> lis
                     candidates.append({"source": document.path, "line": row, "context": context + head,
                                        "run": run})
                 i = j + 1
-    items = _take(candidates, n_items, rng)
+    # Runs of one bracket are most of the candidates and the easiest items: half of the items, at
+    # most, are single brackets.
+    longer = [item for item in candidates if len(item["run"]) > 1]
+    taken = _take(longer, min(len(longer), n_items // 2), rng)
+    single = [item for item in candidates if len(item["run"]) == 1]
+    items = _numbered(taken + _take(single, n_items - len(taken), rng), rng)
     for item in items:
         run = item.pop("run")
         others = sorted(_runs(len(run)) - {run})
@@ -414,12 +433,13 @@ def write_task_yamls(destination: Path, data_dir: Path = TASKS_DIR,
     return destination
 
 
-def task_chance(data_dir: Path = TASKS_DIR, names: Sequence[str] = TASK_NAMES) -> dict[str, float]:
-    """Chance accuracy of each committed task (what a model that learned nothing scores on average)."""
+def task_chance(data_dir: Path = TASKS_DIR, names: Sequence[str] = TASK_NAMES,
+                limit: int | None = None) -> dict[str, float]:
+    """Chance accuracy of each committed task, over its first ``limit`` items (lm-eval's ``--limit``)."""
     result = {}
     for name in names:
         text = (data_dir / f"{name}.jsonl").read_text(encoding="utf-8")
-        result[name] = chance([json.loads(line) for line in text.splitlines()])
+        result[name] = chance([json.loads(line) for line in text.splitlines()[:limit]])
     return result
 
 

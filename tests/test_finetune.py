@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -15,7 +14,8 @@ import torch
 import slimgpt
 from conftest import TEXT, calibration, make_model, probe
 from slimgpt.adapters import get_adapter
-from slimgpt.errors import ConfigError, DataError, OutputExistsError, SlimGPTError
+from slimgpt.cli import main
+from slimgpt.errors import ConfigError, DataError
 from slimgpt.finetune import (
     IGNORE_INDEX,
     FinetuneConfig,
@@ -29,7 +29,6 @@ from slimgpt.finetune import (
     split_record,
     text_examples,
 )
-from slimgpt.finetune_cli import register
 
 # Short responses whose characters the test tokenizer knows (conftest.TEXT), so decoding is exact.
 RECORDS = [
@@ -184,6 +183,14 @@ def test_data_sources_pick_instruction_or_text(tokenizer: Any, instructions: Pat
     monkeypatch.setattr(slimgpt.corpus, "train_documents", lambda: [TEXT] * 6)
     builtin = load_training_data(tokenizer, _config("builtin", max_length=32))
     assert builtin.kind == "text" and builtin.description["kind"] == "builtin" and len(builtin.examples) > 4
+    # alpaca reads the Hub rows through slimgpt.data (stubbed: no network) minus its held-out 5%.
+    from datasets import Dataset
+
+    rows = [dict(record, output=f"{record['output']} {i}") for i, record in enumerate(RECORDS * 20)]
+    monkeypatch.setattr(slimgpt.data, "_load_hub_split", lambda *args: Dataset.from_list(rows))
+    alpaca = load_training_data(tokenizer, _config("alpaca"))
+    assert alpaca.kind == "instruction" and alpaca.description["hub_id"] == "yahma/alpaca-cleaned"
+    assert len(alpaca.examples) == 76  # the last 4 of 80 rows are slimgpt.data's eval split
 
 
 def test_bad_data_is_a_clear_error(tokenizer: Any, tmp_path: Path) -> None:
@@ -320,32 +327,25 @@ def test_resume_after_interruption_is_bit_identical(pruned_dir: Path, instructio
 # --- command line --------------------------------------------------------------------------------------
 
 
-def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="slimgpt")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    result: int = args.handler(args)
-    return result
-
-
-def test_cli_trains_saves_and_refuses_to_overwrite(pruned_dir: Path, instructions: Path, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_trains_saves_and_refuses_bad_input(pruned_dir: Path, instructions: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
     output = tmp_path / "tuned"
     argv = ["finetune", str(pruned_dir), "--data", str(instructions), "--output", str(output), "--max-steps", "2",
             "--batch-size", "2", "--micro-batch-size", "1", "--warmup-steps", "1", "--checkpoint-every", "1"]
-    assert _cli(argv) == 0
+    assert main(argv) == 0
     assert "LoRA fine-tuning" in capsys.readouterr().out
     assert (output / "model.safetensors").exists() and not output.with_name("tuned.checkpoint").exists()
     provenance = json.loads((output / "slimgpt_finetune.json").read_text())
     assert provenance["config"]["batch_size"] == 2 and provenance["config"]["lora_targets"][-1] == "down"
     assert _load(output)[0].config.layer_sizes() == _load(pruned_dir)[0].config.layer_sizes()
 
-    with pytest.raises(OutputExistsError, match="--overwrite"):
-        _cli(argv)
-    with pytest.raises(DataError, match="does not exist"):
-        _cli([*argv[:3], str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "other")])
+    def fails(args: list[str], message: str) -> None:
+        assert main(args) == 2
+        assert message in capsys.readouterr().err
+
+    fails(argv, "--overwrite")
+    fails([*argv[:3], str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "other")], "does not exist")
     output.with_name("tuned2.checkpoint").mkdir()
-    with pytest.raises(SlimGPTError, match="--resume"):
-        _cli([*argv[:4], "--output", str(tmp_path / "tuned2")])
-    with pytest.raises(ConfigError, match="multiple"):
-        _cli([*argv[:6], "--batch-size", "3", "--micro-batch-size", "2"])
+    fails([*argv[:4], "--output", str(tmp_path / "tuned2")], "--resume")
+    fails([*argv[:6], "--batch-size", "3", "--micro-batch-size", "2"], "multiple")
+    assert not (tmp_path / "other").exists() and not (tmp_path / "tuned2").exists()

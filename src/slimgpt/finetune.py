@@ -8,7 +8,7 @@ steps, effective batch 64, max length 256, loss on the responses only; the adapt
 
 Why a small loop of our own rather than ``transformers.Trainer``: the model has per-layer widths (a
 ``slimgpt_<family>`` class), the checkpoint must resume bit for bit on the CPU, and every tensor we write
-must be safetensors (the Trainer pickles optimizer state). The loop is ~60 lines: fixed batches drawn
+must be safetensors (the Trainer pickles optimizer state). The loop is short: fixed batches drawn
 from a seeded per-epoch permutation, gradient accumulation with the loss normalised by the target-token
 count of the whole batch (so micro-batching does not change the gradient), clipping, AdamW, and an lr
 that is a pure function of the step.
@@ -653,6 +653,8 @@ def finetune(
     saved = checkpoint.state() if checkpoint is not None and resume and checkpoint.exists() else None
     if saved is not None:
         _check_resumable(saved, config, fingerprint, checkpoint)
+    elif resume:
+        logger.info("no checkpoint to resume from in %s: starting from step 0", checkpoint_dir)
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     total_params = sum(p.numel() for p in model.parameters())

@@ -26,7 +26,7 @@ def _csv(text: str) -> tuple[str, ...]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``finetune`` subcommand; it sets ``handler`` (what ``slimgpt.cli.main`` calls)."""
+    """Add the ``finetune`` subcommand; it sets ``func`` (what ``slimgpt.cli.main`` calls)."""
     d = FinetuneConfig()
     p = subparsers.add_parser(
         "finetune",
@@ -70,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "output is saved in the input's dtype")
     p.add_argument("--json", default=None, help="also write the report JSON (with the per-step log) here")
     p.add_argument("--trust-remote-code", action="store_true")
-    p.set_defaults(handler=cmd_finetune)
+    p.set_defaults(func=cmd_finetune)
 
 
 def config_from(args: argparse.Namespace) -> FinetuneConfig:
@@ -85,7 +85,9 @@ def config_from(args: argparse.Namespace) -> FinetuneConfig:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from slimgpt.finetune import check_data_source, finetune, save_finetuned
+    from transformers import AutoTokenizer
+
+    from slimgpt.finetune import check_data_source, finetune, load_training_data, save_finetuned
     from slimgpt.io import check_output
     from slimgpt.modeling import load_model, resolve_model_path
 
@@ -98,14 +100,22 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     check_data_source(config.data)
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise SlimGPTError(f"--device {config.device} but no CUDA device is available: pass --device cpu")
+    source = resolve_model_path(args.model)
+    # The data is read and tokenized before the weights: an offline or malformed dataset fails in seconds.
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=args.trust_remote_code)
+    except OSError as error:
+        raise SlimGPTError(f"cannot load the tokenizer of {args.model!r} ({str(error).splitlines()[0]}): pass a "
+                           "model folder with its tokenizer files") from None
+    training_data = load_training_data(tokenizer, config)
     model, tokenizer = load_model(args.model, dtype=None, device="cpu", trust_remote_code=args.trust_remote_code)
     saved_dtype = next(model.parameters()).dtype
     if args.dtype != "auto":
         model.to(DTYPES[args.dtype])
-    report = finetune(model, tokenizer, config, checkpoint_dir=checkpoint, resume=args.resume,
-                      model_name=args.model)
+    report = finetune(model, tokenizer, config, training_data=training_data, checkpoint_dir=checkpoint,
+                      resume=args.resume, model_name=args.model)
     model.to(device="cpu", dtype=saved_dtype)
-    save_finetuned(model, tokenizer, report, output, source=resolve_model_path(args.model), overwrite=args.overwrite)
+    save_finetuned(model, tokenizer, report, output, source=source, overwrite=args.overwrite)
     shutil.rmtree(checkpoint, ignore_errors=True)
     if args.json:
         Path(args.json).write_text(report.to_json())

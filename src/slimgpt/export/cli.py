@@ -45,8 +45,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not source.is_dir():
         raise ConfigError(f"{source} is not a folder: pass the folder written by `slimgpt prune`")
     if args.export_format != "remote-code" and args.output is None:
-        raise ConfigError(f"--format {args.export_format} writes a new {'file' if args.export_format == 'gguf' else 'folder'}:"
-                          " pass --output")
+        kind = "file" if args.export_format == "gguf" else "folder"
+        raise ConfigError(f"--format {args.export_format} writes a new {kind}: pass --output")
     if args.export_format == "remote-code":
         path = export_remote_code(source, args.output, overwrite=args.overwrite)
         print(f"{path}: loads with AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)")

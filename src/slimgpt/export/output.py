@@ -44,7 +44,10 @@ def write_atomic_file(output: str | Path, fill: Callable[[Path], None], overwrit
 
 def replace_text(path: Path, text: str) -> None:
     """Replace the contents of an existing file atomically (readers see the old or the new text)."""
-    write_atomic_file(path, lambda tmp: tmp.write_text(text), overwrite=True)
+    def fill(tmp: Path) -> None:
+        tmp.write_text(text)
+
+    write_atomic_file(path, fill, overwrite=True)
 
 
 def copy_files(files: list[Path], directory: Path) -> None:

@@ -19,12 +19,14 @@ from transformers import LlamaForCausalLM, MistralForCausalLM, OPTForCausalLM, Q
 
 from .configuration_slimgpt import SlimLlamaConfig, SlimMistralConfig, SlimOPTConfig, SlimQwen2Config
 
-# Attribute paths of one decoder layer's projections: query, key, value, attention output, FFN inputs
-# (fed by the layer's hidden state) and FFN output.
+# Attribute paths of one decoder layer's projections: query, key, value, attention output, FFN output;
+# and the FFN inputs (fed by the layer's hidden state).
 LLAMA_PATHS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-               "ffn_in": ("mlp.gate_proj", "mlp.up_proj"), "ffn_out": "mlp.down_proj"}
+               "ffn_out": "mlp.down_proj"}
+LLAMA_FFN_IN = ("mlp.gate_proj", "mlp.up_proj")
 OPT_PATHS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.out_proj",
-             "ffn_in": ("fc1",), "ffn_out": "fc2"}
+             "ffn_out": "fc2"}
+OPT_FFN_IN = ("fc1",)
 
 
 def layer_widths(config: Any) -> list[tuple[int, int, int]]:
@@ -52,7 +54,8 @@ def _rebuilt(layer: nn.Module, path: str, in_features: int, out_features: int, b
 def apply_layer_widths(model: Any) -> None:
     """Shape every decoder layer of a freshly built stock model to the config's per-layer widths."""
     config = model.config
-    paths = OPT_PATHS if config.model_type.endswith("opt") else LLAMA_PATHS
+    is_opt = config.model_type.endswith("opt")
+    paths, ffn_in = (OPT_PATHS, OPT_FFN_IN) if is_opt else (LLAMA_PATHS, LLAMA_FFN_IN)
     output_bias = bool(getattr(config, "layer_output_bias", False))
     for index, (layer, (heads, kv_heads, ffn)) in enumerate(
             zip(model.get_decoder().layers, layer_widths(config), strict=True)):
@@ -71,7 +74,7 @@ def apply_layer_widths(model: Any) -> None:
         _rebuilt(layer, paths["k"], hidden, kv_heads * head_dim, k.bias is not None)
         _rebuilt(layer, paths["v"], hidden, kv_heads * head_dim, v.bias is not None)
         _rebuilt(layer, paths["o"], heads * head_dim, hidden, o.bias is not None or output_bias)
-        for path in paths["ffn_in"]:
+        for path in ffn_in:
             _rebuilt(layer, path, hidden, ffn, layer.get_submodule(path).bias is not None)
         _rebuilt(layer, paths["ffn_out"], ffn, hidden, out.bias is not None or output_bias)
         # The attention forward reshapes with these (grouped-query repeat factor; OPT's head count).

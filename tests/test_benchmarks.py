@@ -1,0 +1,250 @@
+"""The reproduction benchmark's pieces: the held-out code tasks and ``paper_tables.py`` end to end.
+
+The benchmark scripts live in ``benchmarks/`` (not a package), so they are imported by path. The
+end-to-end runs use a tiny random LLaMA with the shipped tokenizer: its numbers are noise, but every
+row, table, claim and cache path runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from slimgpt import corpus
+from slimgpt.config import METHODS
+from slimgpt.evaluation import load_tasks
+from slimgpt.modeling import builtin_model_path
+
+pytest.importorskip("lm_eval")
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import paper_tables  # noqa: E402
+import tasks as code_tasks  # noqa: E402
+
+TOKENIZER = builtin_model_path("tiny-mha")  # the reference models' 4096-token BPE
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test may touch the network: Hub access fails at once instead of retrying."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+
+
+@pytest.fixture(scope="module")
+def built() -> dict[str, list[dict[str, Any]]]:
+    return code_tasks.build_tasks()
+
+
+@pytest.fixture(scope="module")
+def documents() -> dict[str, code_tasks.Document]:
+    return {doc.path: doc for doc in code_tasks.heldout_documents(code_tasks.load_manifest())}
+
+
+# --- tasks ----------------------------------------------------------------------------------------
+
+
+def test_committed_tasks_are_a_fresh_deterministic_build(built: dict[str, list[dict[str, Any]]]) -> None:
+    assert code_tasks.build_tasks() == built  # same corpus, same seed: same items
+    for name, items in built.items():
+        committed = (code_tasks.TASKS_DIR / f"{name}.jsonl").read_text(encoding="utf-8")
+        assert committed == code_tasks._jsonl(items), f"{name}: run python benchmarks/tasks.py"
+        assert len(items) == code_tasks.DEFAULT_ITEMS
+    total = sum(path.stat().st_size for path in code_tasks.TASKS_DIR.iterdir())
+    assert total < 1_000_000
+
+
+def test_every_item_comes_from_a_heldout_file(tmp_path: Path, built: dict[str, list[dict[str, Any]]]) -> None:
+    """By the corpus's own split rule (a hash of the path), applied to a stand-in tree of the sources."""
+    sources = {item["source"] for items in built.values() for item in items}
+    for source in sources:
+        (tmp_path / source).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / source).write_text("")
+    heldout = {p.relative_to(tmp_path).as_posix() for p in corpus.stdlib_files("heldout", root=tmp_path)}
+    assert heldout == sources
+    assert corpus.stdlib_files("train", root=tmp_path) == []
+    manifest = {entry["path"] for entry in code_tasks.load_manifest()}
+    assert sources <= manifest
+
+
+def test_items_are_the_heldout_text_they_claim(
+    built: dict[str, list[dict[str, Any]]], documents: dict[str, code_tasks.Document]
+) -> None:
+    for name, items in built.items():
+        for item in items:
+            lines = documents[item["source"]].lines
+            true_line = lines[item["line"] - 1]
+            answer = item["choices"][item["label"]]
+            before = "".join(line + "\n" for line in lines[: item["line"] - 1])
+            if name == "code-closing":
+                head = item["context"].rsplit("\n", 1)[-1]  # the cut line, up to the brackets
+                assert true_line.startswith(head + answer) and (before + head).endswith(item["context"])
+                assert len({len(choice) for choice in item["choices"]}) == 1
+                assert set("".join(item["choices"])) <= set(")]}")
+            else:
+                assert answer == true_line and before.endswith(item["context"])
+            assert len(set(item["choices"])) == len(item["choices"]) >= 2
+            if name == "code-real-or-shuffled":
+                fake = item["choices"][1 - item["label"]]
+                assert sorted(fake) == sorted(true_line) and len(fake) == len(true_line)
+            if name == "code-nextline":
+                others = [c for i, c in enumerate(item["choices"]) if i != item["label"]]
+                indent = code_tasks._indent(true_line)
+                assert len(others) == 3 and all(c.startswith(indent) and not c[len(indent)].isspace() for c in others)
+
+
+def test_tasks_load_through_lm_eval(tmp_path: Path) -> None:
+    directory = code_tasks.write_task_yamls(tmp_path / "yamls")
+    yaml = (directory / "code-nextline.yaml").read_text()
+    assert str(code_tasks.TASKS_DIR / "code-nextline.jsonl") in yaml and 'target_delimiter: ""' in yaml
+    suite = load_tasks(list(code_tasks.TASK_NAMES), directory)
+    for name in code_tasks.TASK_NAMES:
+        (task,) = suite.objects[name]
+        docs = list(task.validation_docs())
+        assert len(docs) == code_tasks.DEFAULT_ITEMS
+        first = docs[0]
+        assert task.doc_to_text(first) == first["context"] and task.doc_to_choice(first) == first["choices"]
+
+
+# --- paper_tables.py ------------------------------------------------------------------------------
+
+
+def test_the_default_plan_has_each_row_once() -> None:
+    options = paper_tables.Options(
+        models=("tiny-mha", "tiny-gqa"), ablation_models=("tiny-mha",), tables=paper_tables.ALL_TABLES,
+        methods=paper_tables.TABLE1_METHODS, ratios=paper_tables.TABLE1_RATIOS, nsamples=128, seqlen=512,
+    )
+    plan = paper_tables.build_plan(options, lambda model: model == "tiny-gqa")
+    counts = {model: len(specs) for model, specs in plan.rows.items()}
+    n_methods = sum(method in METHODS for method in paper_tables.TABLE1_METHODS)
+    # dense + Table 1, then on tiny-mha 3 ablations x 2 ratios, 4 other schedules, 2 prose rows and
+    # 3 + 3 Figure 3 points (the full-size point is Table 1's row); on tiny-gqa 2 query-heads rows.
+    assert counts == {"tiny-mha": 1 + 4 * n_methods + 6 + 4 + 2 + 6, "tiny-gqa": 1 + 4 * n_methods + 2}
+    keys = [spec.key for specs in plan.rows.values() for spec in specs]
+    assert len(keys) == len(set(keys))
+    if "slicegpt" not in METHODS:
+        assert any("'slicegpt' is not available" in note for note in plan.notes)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer LLaMA with the shipped 4096-token tokenizer and a 256-token context."""
+    folder = tmp_path_factory.mktemp("tiny-random")
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def small_builtin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calibrate on a few training files: tokenizing the whole training split takes ~15 s per call."""
+    text = tmp_path / "train_sample.txt"
+    text.write_text("\n\n".join(corpus.read_documents(corpus.stdlib_files("train")[:20])))
+    real = paper_tables.calibration_windows
+
+    def calibration_windows(tokenizer: Any, source: str, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+        return real(tokenizer, str(text) if source == "builtin" else source, nsamples, seqlen, seed)
+
+    monkeypatch.setattr(paper_tables, "calibration_windows", calibration_windows)
+
+
+def test_paper_tables_quick_runs_end_to_end_and_resumes(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], small_builtin: None
+) -> None:
+    out = tmp_path / "results"
+    argv = ["--models", str(tiny_model), "--tables", "1", "--methods", "slimgpt,magnitude,no-such-method",
+            "--ratios", "0.2,0.5", "--quick", "--out", str(out), "--threads", "1"]
+    assert paper_tables.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "'no-such-method' is not available" in printed and "CPU time budget: 5 of 5 rows" in printed
+
+    data = json.loads((out / "paper_tables_quick.json").read_text())
+    rows = dict(data["rows"])
+    assert len(rows) == 5 and not (out / "paper_tables.json").exists()
+    dense = rows[f"{tiny_model}|dense"]
+    assert set(dense["ppl"]) == {"128", "256"} and dense["realised_ratio"] == 0
+    for key, row in rows.items():
+        assert row["wall_s"] > 0 and {t["name"] for t in row["zero_shot"]["tasks"]} == set(code_tasks.TASK_NAMES)
+        if row["method"] != "dense":
+            assert row["parameters"] < dense["parameters"], key
+            assert abs(row["realised_ratio"] - row["ratio"]) < 0.1, key
+    markdown = (out / "paper_tables_quick.md").read_text()
+    assert "## Table 1" in markdown and "CPU time budget" in markdown
+    assert "SlimGPT has a lower PPL than every baseline" in markdown
+    assert "not measured: flap, llm-pruner, wanda-sp" in markdown
+    assert (out / f"paper_tables_quick_ppl_vs_ratio_{tiny_model.name}.png").stat().st_size > 1000
+
+    # A rerun reuses every finished row; a lost row (an interrupted run) is the only one redone.
+    lost = f"{tiny_model}|magnitude|0.50|calib=builtin|n=16|s=128|"
+    del data["rows"][lost]
+    (out / "paper_tables_quick.json").write_text(json.dumps(data))
+    assert paper_tables.main(argv) == 0
+    assert "CPU time budget: 1 of 5 rows" in capsys.readouterr().out
+    again = json.loads((out / "paper_tables_quick.json").read_text())["rows"]
+    assert set(again) == set(rows) and again[f"{tiny_model}|dense"] == dense
+
+
+def test_prose_calibration_text_is_prose_from_training_files() -> None:
+    text = paper_tables.prose_text(max_chars=20_000)
+    paragraphs = text.strip().split("\n\n")
+    assert len(text) >= 20_000 and len(paragraphs) > 20
+    assert not any(p.lstrip().startswith((">>>", "def ", "import ")) for p in paragraphs)
+    letters = sum(char.isalpha() or char == " " for char in text)
+    assert letters > 0.85 * len(text)
+
+
+# --- report_reference.py --------------------------------------------------------------------------
+
+
+def test_layer_errors_start_at_the_first_changed_layer(tiny_model: Path) -> None:
+    import report_reference
+
+    dense = LlamaForCausalLM.from_pretrained(tiny_model).eval()
+    windows = torch.randint(0, dense.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
+    assert report_reference.layer_errors(dense, copy.deepcopy(dense), windows) == [0.0, 0.0]
+    changed = copy.deepcopy(dense)
+    with torch.no_grad():
+        changed.model.layers[1].mlp.down_proj.weight.mul_(0.5)
+    first, second = report_reference.layer_errors(dense, changed, windows, batch_size=2)
+    assert first == 0.0 and 0.0 < second < 1.0
+
+
+def test_report_reference_quick_writes_the_report_and_figures(
+    tiny_model: Path, tmp_path: Path, small_builtin: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import report_reference
+
+    monkeypatch.setattr(report_reference, "calibration_windows", paper_tables.calibration_windows)
+    out = tmp_path / "docs"
+    assert report_reference.main(["--model", str(tiny_model), "--quick", "--out", str(out), "--threads", "1"]) == 0
+    markdown = (out / "reference_report.md").read_text()
+    for heading in ("## Dense against pruned", "## Per-layer output error", "## Per-layer pruning"):
+        assert heading in markdown
+    figures = out / "reference_report"
+    names = {path.name for path in figures.glob("*.png")}
+    assert {"kept_ratio_2.png", "kept_ratio_3.png", "layer_error.png", "ppl_vs_ratio_builtin_128.png"} <= names
+    assert all(f"]({figures.name}/{name})" in markdown for name in names)
+    assert len(list(figures.glob("eval_*.json"))) == 3 and len(list(figures.glob("prune_*.json"))) == 2
