@@ -3,7 +3,8 @@
 Exports MODEL (a folder written by `slimgpt prune`, or a dense folder / built-in name) to GGUF for each
 --outtypes, evaluates the same token windows with PyTorch (float32, slimgpt.load_pruned) and with
 llama.cpp (llama-cpp-python, float32 KV cache unless --kv-type f16), and reports per outtype: max and
-mean absolute logit difference, top-1 agreement, and both perplexities.
+mean absolute logit difference, top-1 agreement, both perplexities, and the fraction of eval-text lines
+that llama.cpp's tokenizer (from the GGUF) splits exactly like the model's transformers tokenizer.
 
     pip install llama-cpp-python   # compiles llama.cpp; CMAKE_ARGS=-DGGML_NATIVE=OFF for a portable build
     python benchmarks/gguf_parity.py OUT_DIR --seqlen 128 --windows 8 --json benchmarks/results/gguf_parity.json
@@ -22,10 +23,10 @@ from typing import Any
 
 import torch
 
-from slimgpt.data import eval_windows
+from slimgpt.data import eval_windows, load_documents
 from slimgpt.evaluation.ppl import window_nll_sum
 from slimgpt.export import export_gguf
-from slimgpt.export.llama_cpp import llama_cpp_logits
+from slimgpt.export.llama_cpp import llama_cpp_logits, llama_cpp_tokenize
 from slimgpt.modeling import load_model, resolve_model_path
 
 
@@ -48,6 +49,14 @@ def compare(reference: torch.Tensor, logits: torch.Tensor, windows: torch.Tensor
     }
 
 
+def tokenizer_agreement(tokenizer: Any, path: Path, source: str, lines: int) -> float:
+    """Fraction of the eval text's first non-empty lines that llama.cpp tokenizes exactly like transformers."""
+    texts = [line for doc in load_documents(source, "eval") for line in doc.splitlines() if line.strip()][:lines]
+    ours = llama_cpp_tokenize(path, texts)
+    same = sum(tokenizer.encode(t, add_special_tokens=False) == ids for t, ids in zip(texts, ours, strict=True))
+    return same / len(texts)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     folder = Path(resolve_model_path(args.model))
     model, tokenizer = load_model(str(folder), dtype=torch.float32)
@@ -62,7 +71,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             export_s = time.perf_counter() - start
             start = time.perf_counter()
             logits = llama_cpp_logits(result.path, windows, kv_type=args.kv_type, n_threads=args.threads)
-            rows.append({"outtype": outtype, **compare(reference, logits, windows),
+            agreement = tokenizer_agreement(tokenizer, result.path, args.source, args.tokenizer_lines)
+            rows.append({"outtype": outtype, **compare(reference, logits, windows), "tokenizer_agreement": agreement,
                          "file_mib": result.path.stat().st_size / 2**20, "export_s": export_s,
                          "llama_cpp_s": time.perf_counter() - start, "notes": result.notes})
     import gguf
@@ -85,12 +95,12 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"GGUF parity: {report['model']}, {report['windows']} x {report['seqlen']} tokens of "
              f"{report['source']}, llama.cpp KV cache {report['kv_type']}", "",
              "| outtype | max abs diff | mean abs diff | top-1 agree | PPL PyTorch | PPL llama.cpp | PPL rel diff "
-             "| MiB |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| same tokens | MiB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in report["results"]:
         lines.append(f"| {row['outtype']} | {row['max_abs_diff']:.2e} | {row['mean_abs_diff']:.2e} | "
                      f"{row['top1_agreement']:.2%} | {row['ppl_pytorch']:.4f} | {row['ppl_llama_cpp']:.4f} | "
-                     f"{row['ppl_rel_diff']:+.2e} | {row['file_mib']:.2f} |")
+                     f"{row['ppl_rel_diff']:+.2e} | {row['tokenizer_agreement']:.1%} | {row['file_mib']:.2f} |")
     notes = {note for row in report["results"] for note in row["notes"]}
     lines += [f"\nnote: {note}" for note in sorted(notes)]
     return "\n".join(lines)
@@ -103,6 +113,8 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=128)
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--outtypes", type=lambda s: s.split(","), default=["f32", "f16"])
+    parser.add_argument("--tokenizer-lines", type=int, default=200,
+                        help="eval-text lines tokenized by both tokenizers for the 'same tokens' column")
     parser.add_argument("--kv-type", choices=["f32", "f16"], default="f32")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--workdir", default=None, help="where the temporary GGUF files go (default: system temp)")

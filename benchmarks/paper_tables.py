@@ -43,6 +43,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -63,7 +64,7 @@ import tasks as code_tasks
 
 from slimgpt import corpus
 from slimgpt.adapters import get_adapter
-from slimgpt.config import METHODS, PruneConfig
+from slimgpt.config import GQA_POLICIES, METHODS, PruneConfig
 from slimgpt.data import calibration_windows, eval_windows
 from slimgpt.errors import SlimGPTError
 from slimgpt.evaluation import (
@@ -100,7 +101,6 @@ ABLATIONS: Mapping[str, Mapping[str, Any]] = {
     "-compensation (compensate=False)": {"compensate": False},
 }
 FIG3_FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1.0)
-GQA_POLICIES = ("kv-group", "query-heads")
 BUILTIN_CALIB = "builtin"
 PROSE_CALIB = "prose"
 SHORT_WINDOW = 128  # the paper's (LLM-Pruner's) perplexity window
@@ -966,7 +966,10 @@ def render(tables: Tables, plan: Plan, options: Options, settings: EvalSettings,
         "context (`slimgpt.evaluation.perplexity`).",
         f"- zero-shot: local lm-eval tasks built from held-out files (`benchmarks/tasks.py`), first "
         f"{settings.task_limit or 'all'} items each; cells are acc / acc_norm in %, `avg` is the mean of "
-        "acc_norm. Chance: " + ", ".join(f"{name} {pct(value)}" for name, value in chance.items()) + ".",
+        "acc_norm. Chance: " + ", ".join(f"{name} {pct(value)}" for name, value in chance.items())
+        + f". With {settings.task_limit or 'all'} items a task's standard error is up to "
+        f"{50 / math.sqrt(settings.task_limit or code_tasks.DEFAULT_ITEMS):.1f} points: perplexity is the "
+        "finer measure.",
         "- ratio = fraction of decoder-layer parameters removed (embeddings excluded); `realised` is what "
         "each method actually removed, `params` counts the whole model.",
         "",

@@ -6,8 +6,9 @@ a model can know, in lm-eval's own format, so that the paper's zero-shot columns
 
 - ``code-nextline``: up to 6 lines of a file, then the true next line among 4; the 3 distractors are
   lines of similar length from other held-out files, re-indented like the true one. Chance 25%.
-- ``code-real-or-shuffled``: up to 4 lines of a file, then the true next line or the same Python
-  tokens shuffled into the same gaps (same characters, same length). Chance 50%.
+- ``code-real-or-shuffled``: up to 4 lines of a file, then the true next line or the same line with
+  two of its identifiers swapped (same characters, same length; a full shuffle of its tokens is too
+  easy: the dense tiny-mha is 100% right on it). Chance 50%.
 - ``code-closing``: a file cut just before a run of closing brackets; the true run or another run of
   the same length over ``)]}`` (3 choices for one bracket, 4 for longer runs). Chance about 29%.
 
@@ -30,6 +31,7 @@ import argparse
 import hashlib
 import io
 import json
+import keyword
 import math
 import random
 import sys
@@ -161,9 +163,13 @@ def _is_code_line(line: str, low: int = 12, high: int = 80) -> bool:
 
 
 def _context(lines: list[str], index: int, max_lines: int, max_chars: int) -> str | None:
-    """The up to ``max_lines`` lines before line ``index``, whole lines only, each ending in a newline.
+    """The up to ``max_lines`` lines before line ``index``, whole lines, without the last newline.
 
-    None when fewer than two of them hold code: the item would be a guess.
+    The newline goes to the continuation (the choices start with it). lm-eval scores a continuation
+    as the tokens of ``context + choice`` after those of ``context``; a boundary between a line's
+    last character and a newline is a pre-token boundary of byte-level BPE, so no token straddles it,
+    whereas ``"\n"`` + indentation is often one token. None when fewer than two of the lines hold
+    code: the item would be a guess.
     """
     chosen: list[str] = []
     size = 0
@@ -175,7 +181,7 @@ def _context(lines: list[str], index: int, max_lines: int, max_chars: int) -> st
     chosen.reverse()
     if sum(1 for line in chosen if line.strip() and not line.strip().startswith("#")) < 2:
         return None
-    return "".join(line + "\n" for line in chosen)
+    return "\n".join(chosen)
 
 
 def _take(candidates: list[dict[str, Any]], n_items: int, rng: random.Random) -> list[dict[str, Any]]:
@@ -242,11 +248,11 @@ def nextline_items(documents: Sequence[Document], n_items: int, seed: int) -> li
             {text for path, text in pool
              if path != item["source"] and abs(len(text) - len(stripped)) <= width and text != stripped}
         )
-        distractors = [indent + text for text in rng.sample(near, 3)]
-        choices = [target, *distractors]
+        distractors = ["\n" + indent + text for text in rng.sample(near, 3)]
+        choices = ["\n" + target, *distractors]
         rng.shuffle(choices)
         item["choices"] = choices
-        item["label"] = choices.index(target)
+        item["label"] = choices.index("\n" + target)
     return items
 
 
@@ -264,31 +270,34 @@ def _line_tokens(text: str) -> dict[int, list[tokenize.TokenInfo]] | None:
 
 
 def shuffled_line(line: str, tokens: list[tokenize.TokenInfo], rng: random.Random) -> str | None:
-    """``line`` with its tokens shuffled into the same slots: same characters, same spacing, same length.
+    """``line`` with two different identifiers swapped: same characters, same spacing, same length.
 
-    None when the line cannot be shuffled cleanly (a token spans lines, a comment, too few distinct
-    tokens) or the shuffle happens to give the line back.
+    Two identifiers, not a full shuffle: the dense tiny-mha tells a fully shuffled line (or one with
+    any two tokens swapped) from the real one 99-100% of the time, which leaves no room to see pruning
+    hurt. Swapping names keeps the line well-formed, so only what the names mean gives it away
+    (``del self.dict[str(window)]`` against ``del window.dict[str(self)]``). None when the line has
+    fewer than two distinct identifiers, a comment, or a token that spans lines.
     """
-    if len(tokens) < 4 or any(t.type == tokenize.COMMENT or t.start[0] != t.end[0] for t in tokens):
+    if any(t.type == tokenize.COMMENT or t.start[0] != t.end[0] for t in tokens):
         return None
-    if len({t.string for t in tokens}) < 3:
-        return None
-    gaps = [line[tokens[i].end[1] : tokens[i + 1].start[1]] for i in range(len(tokens) - 1)]
     strings = [t.string for t in tokens]
-    for _ in range(10):
-        order = strings[:]
-        rng.shuffle(order)
-        if order != strings:
-            rebuilt = line[: tokens[0].start[1]] + "".join(
-                s + g for s, g in zip(order, [*gaps, line[tokens[-1].end[1] :]], strict=True)
-            )
-            if rebuilt != line:
-                return rebuilt
-    return None
+    names = [i for i, t in enumerate(tokens) if t.type == tokenize.NAME and not keyword.iskeyword(t.string)]
+    if len({strings[i] for i in names}) < 2:
+        return None
+    first, second = rng.sample(names, 2)
+    while strings[first] == strings[second]:
+        first, second = rng.sample(names, 2)
+    order = strings[:]
+    order[first], order[second] = order[second], order[first]
+    gaps = [line[tokens[i].end[1] : tokens[i + 1].start[1]] for i in range(len(tokens) - 1)]
+    rebuilt = line[: tokens[0].start[1]] + "".join(
+        s + g for s, g in zip(order, [*gaps, line[tokens[-1].end[1] :]], strict=True)
+    )
+    return rebuilt if rebuilt != line else None
 
 
 def real_or_shuffled_items(documents: Sequence[Document], n_items: int, seed: int) -> list[dict[str, Any]]:
-    """Tell the true next line from the same tokens shuffled; both choices have the same length."""
+    """Tell the true next line from the same line with two identifiers swapped; both have the same length."""
     rng = random.Random(seed)
     candidates: list[dict[str, Any]] = []
     for document in documents:
@@ -316,7 +325,7 @@ def real_or_shuffled_items(documents: Sequence[Document], n_items: int, seed: in
     for item in items:
         target, fake = item.pop("target"), item.pop("fake")
         label = rng.randrange(2)
-        item["choices"] = [target, fake] if label == 0 else [fake, target]
+        item["choices"] = ["\n" + target, "\n" + fake] if label == 0 else ["\n" + fake, "\n" + target]
         item["label"] = label
     return items
 
@@ -349,8 +358,10 @@ def closing_items(documents: Sequence[Document], n_items: int, seed: int) -> lis
                 run = "".join(t.string for t in tokens[i : j + 1])
                 head = line[: tokens[i].start[1]]
                 context = _context(lines, row - 1, max_lines=4, max_chars=320)
-                if len(run) <= 3 and head.strip() and context is not None:
-                    candidates.append({"source": document.path, "line": row, "context": context + head,
+                # A letter or digit before the cut: byte-level BPE never merges it with a bracket, so
+                # the choices are scored on their own tokens (see _context).
+                if len(run) <= 3 and head[-1:].isalnum() and context is not None:
+                    candidates.append({"source": document.path, "line": row, "context": context + "\n" + head,
                                        "run": run})
                 i = j + 1
     # Runs of one bracket are most of the candidates and the easiest items: half of the items, at

@@ -90,22 +90,40 @@ def test_items_are_the_heldout_text_they_claim(
             lines = documents[item["source"]].lines
             true_line = lines[item["line"] - 1]
             answer = item["choices"][item["label"]]
-            before = "".join(line + "\n" for line in lines[: item["line"] - 1])
+            before = "\n".join(lines[: item["line"] - 1])  # the file up to the newline that ends the line before
+            assert len(set(item["choices"])) == len(item["choices"]) >= 2
             if name == "code-closing":
                 head = item["context"].rsplit("\n", 1)[-1]  # the cut line, up to the brackets
-                assert true_line.startswith(head + answer) and (before + head).endswith(item["context"])
+                assert true_line.startswith(head + answer) and (before + "\n" + head).endswith(item["context"])
                 assert len({len(choice) for choice in item["choices"]}) == 1
                 assert set("".join(item["choices"])) <= set(")]}")
-            else:
-                assert answer == true_line and before.endswith(item["context"])
-            assert len(set(item["choices"])) == len(item["choices"]) >= 2
+                continue
+            assert answer == "\n" + true_line and before.endswith(item["context"])
+            assert all(choice.startswith("\n") for choice in item["choices"])
             if name == "code-real-or-shuffled":
                 fake = item["choices"][1 - item["label"]]
-                assert sorted(fake) == sorted(true_line) and len(fake) == len(true_line)
+                assert sorted(fake) == sorted(answer)
             if name == "code-nextline":
+                indent = "\n" + code_tasks._indent(true_line)
                 others = [c for i, c in enumerate(item["choices"]) if i != item["label"]]
-                indent = code_tasks._indent(true_line)
                 assert len(others) == 3 and all(c.startswith(indent) and not c[len(indent)].isspace() for c in others)
+
+
+def test_no_token_straddles_context_and_choice(built: dict[str, list[dict[str, Any]]], tiny_model: Path) -> None:
+    """lm-eval scores the tokens of context + choice after the context's own tokens: they must align.
+
+    Checked with lm-eval's own pair encoding and the reference models' tokenizer.
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    lm = HFLM(pretrained=LlamaForCausalLM.from_pretrained(tiny_model), tokenizer=tokenizer)
+    for name, items in built.items():
+        for item in items:
+            for choice in item["choices"]:
+                context_ids, choice_ids = lm._encode_pair(item["context"], choice)
+                whole = lm.tok_encode(item["context"] + choice)
+                assert choice_ids and whole[: len(context_ids)] == context_ids, (name, item["id"], choice)
 
 
 def test_tasks_load_through_lm_eval(tmp_path: Path) -> None:

@@ -152,7 +152,8 @@ def test_padded_is_stock_and_exact(pruned: dict[str, Path], name: str, tmp_path:
     folder = pruned[name]
     out = export_padded(folder, tmp_path / "padded")
     config = json.loads((out / "config.json").read_text())
-    assert not [k for k in config if k.startswith("layer_") or k == "auto_map"]
+    assert not set(config) & {"layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_sizes",
+                              "layer_output_bias", "auto_map"}
     family = CASES[name][0].removesuffix("-gqa")
     expected_type = "llama" if name == "qwen2-flap" else family
     assert config["model_type"] == expected_type
@@ -171,6 +172,10 @@ def test_padded_is_stock_and_exact(pruned: dict[str, Path], name: str, tmp_path:
 def _check_placement(sizes: LayerSizes, n_heads: int, n_kv_heads: int) -> None:
     placement = place_heads(sizes, n_heads, n_kv_heads)
     assert placement is not None
+    assert len(placement.kv_sources) == n_kv_heads
+    if sizes.n_heads == 0:
+        assert placement.query_slots == [] and set(placement.kv_sources) == {-1}
+        return
     group, g = n_heads // n_kv_heads, sizes.n_heads // sizes.n_kv_heads
     assert len(set(placement.query_slots)) == sizes.n_heads  # distinct slots
     for head, slot in enumerate(placement.query_slots):

@@ -8,13 +8,35 @@ without slimgpt there are three opt-in exports:
 - ``llama-padded`` (padded.py): removed heads and channels zero-padded back to a stock config; loads
   in every runtime, exact, but as large and slow as the dense model.
 - ``gguf`` (gguf.py): one GGUF file for llama.cpp's ``deci`` architecture, which has per-layer widths;
-  keeps the pruned size and speed.
+  keeps the pruned size and speed. Needs the ``gguf`` package, imported only when used, so the other
+  exports work without it. ``llama_cpp.py`` runs such a file under llama.cpp (optional
+  llama-cpp-python) to check it against PyTorch.
 """
 
-from slimgpt.export.gguf import GGUFExport, export_gguf
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from slimgpt.errors import SlimGPTError
 from slimgpt.export.padded import export_padded
 from slimgpt.export.remote_code import export_remote_code
 
-FORMATS = ("remote-code", "llama-padded", "gguf")
+if TYPE_CHECKING:
+    from slimgpt.export.gguf import GGUFExport
 
-__all__ = ["FORMATS", "GGUFExport", "export_gguf", "export_padded", "export_remote_code"]
+FORMATS = ("remote-code", "llama-padded", "gguf")
+GGUF_OUTTYPES = ("f32", "f16")
+
+
+def export_gguf(directory: str | Path, output: str | Path, outtype: str = "f16",
+                overwrite: bool = False) -> GGUFExport:
+    """Write a pruned LLaMA / Mistral / Qwen2 folder as one GGUF file (see slimgpt.export.gguf)."""
+    try:
+        from slimgpt.export import gguf as gguf_export
+    except ImportError as error:
+        raise SlimGPTError(f"the GGUF export needs the gguf package ({error}): pip install gguf") from None
+    return gguf_export.export_gguf(directory, output, outtype=outtype, overwrite=overwrite)
+
+
+__all__ = ["FORMATS", "GGUF_OUTTYPES", "export_gguf", "export_padded", "export_remote_code"]

@@ -20,8 +20,7 @@ FORMAT_HELP = """formats (all opt-in; a saved folder itself never contains code)
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``export`` subcommand."""
-    from slimgpt.export import FORMATS
-    from slimgpt.export.gguf import OUTTYPES
+    from slimgpt.export import FORMATS, GGUF_OUTTYPES
 
     parser = subparsers.add_parser(
         "export", help="make a pruned model usable without slimgpt (remote code, padded stock config, GGUF)",
@@ -32,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--format", required=True, choices=FORMATS, dest="export_format")
     parser.add_argument("--output", "-o", default=None,
                         help="output folder (remote-code: default edits DIR in place; llama-padded) or file (gguf)")
-    parser.add_argument("--outtype", choices=OUTTYPES, default="f16",
+    parser.add_argument("--outtype", choices=GGUF_OUTTYPES, default="f16",
                         help="gguf: float type of the weight matrices; norms and biases stay f32 (default %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     parser.set_defaults(func=cmd_export)

@@ -42,13 +42,13 @@ import numpy as np
 import torch
 
 from slimgpt.errors import SlimGPTError, UnsupportedModelError
+from slimgpt.export import GGUF_OUTTYPES as OUTTYPES
 from slimgpt.export.checkpoint import Checkpoint, read_checkpoint
 from slimgpt.export.output import check_file_output, write_atomic_file
 
 logger = logging.getLogger(__name__)
 
 ARCH = gguf.MODEL_ARCH.DECI
-OUTTYPES = ("f32", "f16")
 PRE_TOKENIZER = "gpt-2"  # llama.cpp's name for the GPT-2 byte-level split regex
 
 

@@ -60,3 +60,15 @@ def llama_cpp_logits(path: str | Path, tokens: torch.Tensor, kv_type: str = "f32
         finally:
             llm.close()
     return torch.from_numpy(np.stack(rows)).reshape(*tokens.shape, -1)
+
+
+def llama_cpp_tokenize(path: str | Path, texts: list[str]) -> list[list[int]]:
+    """llama.cpp's token ids of each text (no BOS, special tokens as text), from the GGUF's tokenizer only."""
+    from llama_cpp import Llama
+
+    with _quiet_native_stderr():
+        llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+        try:
+            return [llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) for text in texts]
+        finally:
+            llm.close()
