@@ -27,9 +27,10 @@ What is run (the paper's numbering):
   behind slimgpt's default ``gqa_policy``.
 Tables 5, 6, 14 and Figure 3 run on ``--ablation-models`` (default: the first of ``--models``).
 
-Budget: the default settings are sized for 2 CPU cores: about 60 rows at 30-40 s each, 30-45 minutes
-for both models. Calibration: 128 windows of 512 tokens (the models' whole context) from the built-in
-corpus's training split, seed 0. Evaluation: 160 128-token and 40 512-token windows spread evenly over
+Budget: the default settings are sized for 2 idle CPU cores: 62 rows (39 on tiny-mha, 23 on tiny-gqa)
+at about 30 s each, 30-40 minutes for both models, plus ~3 minutes of tokenizing calibration text.
+Calibration: 128 windows of 512 tokens (the models' whole context) from the built-in corpus's training
+split, seed 0. Evaluation: 160 128-token and 40 512-token windows spread evenly over
 the held-out split (about 20k tokens each, a quarter of it), and the first 100 items of each task.
 """
 
@@ -568,7 +569,7 @@ class Tables:
                                                  if s.method in TABLE1_METHODS else 99))
             lines += [self._line(spec, spec.method, f"{100 * spec.ratio:.0f}%") for spec in order
                       if spec.ratio in options.ratios]
-            parts += [f"### {model}", "", markdown_table(header, lines), ""]
+            parts += [f"### {model_label(model)}", "", markdown_table(header, lines), ""]
         return "\n".join(parts)
 
     def _line(self, spec: RowSpec, label: str, ratio: str) -> list[str]:
@@ -582,7 +583,7 @@ class Tables:
         header = ["variant", "ratio", "realised", "params", *self.ppl_header(model), *task_header(),
                   "prune s", "row s"]
         lines = [self._line(spec, label, f"{100 * spec.ratio:.0f}%") for label, spec in labelled]
-        return "\n".join([f"### {title}: {model}", "", markdown_table(header, lines), ""])
+        return "\n".join([f"### {title}: {model_label(model)}", "", markdown_table(header, lines), ""])
 
 
 # --- claims --------------------------------------------------------------------------------------
@@ -628,7 +629,7 @@ def claims_methods(tables: Tables, options: Options, model: str) -> list[Claim]:
         missing = sorted(set(BASELINES) - set(measured))
         evidence = f"SlimGPT {_num(ours)}; " + ", ".join(f"{m} {_num(v)}" for m, v in measured.items())
         evidence += f"; not measured: {', '.join(missing)}" if missing else ""
-        claims.append(Claim(f"{model} {100 * ratio:.0f}%: SlimGPT has a lower PPL than every baseline",
+        claims.append(Claim(f"{model_label(model)} {100 * ratio:.0f}%: SlimGPT has a lower PPL than every baseline",
                             _verdict(ok), evidence))
     return claims
 
@@ -641,7 +642,7 @@ def claims_ablations(tables: Tables, options: Options, model: str) -> list[Claim
         for label, ablation in list(ABLATIONS.items())[1:]:
             value = ppl_of(tables.get(with_options(base_row(model, options, ratio), **ablation)), SHORT_WINDOW)
             ok = None if full is None or value is None else value > full
-            claims.append(Claim(f"{model} {100 * ratio:.0f}%: {label.split(' ')[0]} is worse than SlimGPT",
+            claims.append(Claim(f"{model_label(model)} {100 * ratio:.0f}%: {label.split(' ')[0]} is worse than SlimGPT",
                                 _verdict(ok), f"SlimGPT {_num(full)} vs {_num(value)}"))
     return claims
 
@@ -652,14 +653,15 @@ def claims_schedules(tables: Tables, options: Options, model: str) -> list[Claim
     log, uniform = values["log-increase"], values["uniform"]
     evidence = ", ".join(f"{s} {_num(v)}" for s, v in values.items())
     ok = None if log is None or uniform is None else log < uniform
-    claims = [Claim(f"{model} 50%: log-increase beats uniform", _verdict(ok),
+    claims = [Claim(f"{model_label(model)} 50%: log-increase beats uniform", _verdict(ok),
                     f"log-increase {_num(log)} vs uniform {_num(uniform)}")]
     measured = {s: v for s, v in values.items() if v is not None}
     worst_two = None
     if len(measured) == len(SCHEDULES):
         worst_two = set(sorted(measured, key=lambda s: measured[s])[-2:])
     ok = None if worst_two is None else worst_two == {"log-decrease", "linear-decrease"}
-    claims.append(Claim(f"{model} 50%: both decreasing schedules are the worst two", _verdict(ok), evidence))
+    claims.append(Claim(f"{model_label(model)} 50%: both decreasing schedules are the worst two", _verdict(ok),
+                        evidence))
     return claims
 
 
@@ -670,8 +672,8 @@ def claims_calibration(tables: Tables, options: Options, model: str) -> list[Cla
         code, prose = (ppl_of(tables.get(RowSpec(model, "slimgpt", ratio, calib, options.nsamples, options.seqlen)),
                               SHORT_WINDOW) for calib in (BUILTIN_CALIB, PROSE_CALIB))
         ok = None if code is None or prose is None else code < prose
-        claims.append(Claim(f"{model} {100 * ratio:.0f}%: calibration on the evaluation's domain (code) gives a "
-                            "lower PPL than prose (Table 14's C4-better-PPL, by analogy)",
+        claims.append(Claim(f"{model_label(model)} {100 * ratio:.0f}%: calibration on the evaluation's domain (code) "
+                            "gives a lower PPL than prose (Table 14's C4-better-PPL, by analogy)",
                             _verdict(ok), f"code {_num(code)} vs prose {_num(prose)}"))
     return claims
 
@@ -689,7 +691,7 @@ def claims_fig3(tables: Tables, options: Options, model: str) -> list[Claim]:
             ok = measured[-1] < measured[0]
             monotone = all(b <= a for a, b in itertools.pairwise(measured))
             evidence += "; monotone" if monotone else "; not monotone"
-        claims.append(Claim(f"{model} 50%: more calibration {what} give a lower PPL (Figure 3)",
+        claims.append(Claim(f"{model_label(model)} 50%: more calibration {what} give a lower PPL (Figure 3)",
                             _verdict(ok), evidence))
     return claims
 
@@ -703,6 +705,11 @@ def fig3_row(model: str, options: Options, axis: str, value: int) -> RowSpec:
     if axis == "nsamples":
         return RowSpec(model, "slimgpt", 0.5, BUILTIN_CALIB, value, options.seqlen)
     return RowSpec(model, "slimgpt", 0.5, BUILTIN_CALIB, options.nsamples, value)
+
+
+def model_label(model: str) -> str:
+    """A model as tables name it: a built-in name, or a folder's last component."""
+    return Path(model).name or model
 
 
 def _num(value: float | None) -> str:
@@ -750,7 +757,7 @@ def plot_fig3(model: str, series: Mapping[str, Mapping[int, Mapping[int, float]]
         axes.set_ylabel("held-out perplexity")
         axes.grid(alpha=0.3)
         axes.legend()
-        axes.set_title(f"{model}, SlimGPT 50%")
+        axes.set_title(f"{model_label(model)}, SlimGPT 50%")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=150, format="png")
     return path
@@ -888,11 +895,14 @@ def machine(threads: int) -> dict[str, Any]:
 
 def print_header(args: argparse.Namespace, options: Options, settings: EvalSettings, plan: Plan,
                  n_rows: int, n_todo: int) -> None:
-    per_row = 35.0 if not args.quick else 2.0
+    # Measured on tiny-mha, one thread: a SlimGPT / FLAP / Wanda-sp row costs 45-60 CPU-s (pruning with
+    # 128 x 512 calibration tokens ~30-40 s, perplexity ~9 s, 300 task items ~9 s), magnitude and
+    # LLM-Pruner rows ~18 s; with 2 threads about 30 s of wall time per row on average.
+    per_row = 30.0 if not args.quick else 5.0
     print(f"SlimGPT paper tables on {', '.join(options.models)}: tables {','.join(options.tables)}")
     print(f"CPU time budget: {n_todo} of {n_rows} rows to run (the rest cached) x ~{per_row:.0f} s/row on "
           f"{args.threads} threads = ~{n_todo * per_row / 60:.0f} min. The default run is sized for 2 cores: "
-          "~60 rows, 30-45 min for both models.")
+          "62 rows, 30-40 min for both models.")
     print(f"calibration: {options.nsamples} x {options.seqlen} tokens, builtin train split, seed {SEED}; "
           f"eval: {settings.windows_short} x 128-token and {settings.windows_context} x context windows spread "
           f"over held-out; zero-shot: first {settings.task_limit or 'all'} items of {', '.join(code_tasks.TASK_NAMES)}")
@@ -919,8 +929,8 @@ def draw_figures(tables: Tables, plan: Plan, options: Options, out: Path, stem: 
                 curves = {method: [(0.0, dense_ppl), *points] for method, points in curves.items()}
             if curves:
                 path = out / f"{stem}_ppl_vs_ratio_{_slug(model)}.png"
-                figures[f"ppl_vs_ratio {model}"] = plot_ppl_vs_ratio(
-                    curves, path, title=f"{model}: held-out PPL ({SHORT_WINDOW}-token windows)", dataset="held-out")
+                title = f"{model_label(model)}: held-out PPL ({SHORT_WINDOW}-token windows)"
+                figures[f"ppl_vs_ratio {model}"] = plot_ppl_vs_ratio(curves, path, title=title, dataset="held-out")
     if "fig3" in options.tables:
         for model in options.ablation_models:
             series: dict[str, dict[int, dict[int, float]]] = {"nsamples": {}, "seqlen": {}}
@@ -953,7 +963,7 @@ def render(tables: Tables, plan: Plan, options: Options, settings: EvalSettings,
         "",
         f"- machine: {run['machine']['processor']}, {run['machine']['cpus']} CPUs, torch threads "
         f"{run['machine']['torch_threads']}; {', '.join(f'{k} {v}' for k, v in run['versions'].items())}",
-        f"- CPU time budget: the default run is sized for 2 cores (~60 rows at 30-40 s, 30-45 min for both "
+        f"- CPU time budget: the default run is sized for 2 idle cores (62 rows at ~30 s, 30-40 min for both "
         f"models). The {len(shown)} rows below took {total_row_s / 60:.1f} min wall, {total_cpu_s / 60:.1f} min "
         f"CPU (column `row s` per row; `prune s` is its pruning part) over {len(runs)} invocation(s); the last "
         f"ran {run['rows_run']} rows in {run['wall_s'] / 60:.1f} min.",

@@ -166,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def render(args: argparse.Namespace, name: str, reports: Sequence[EvalReport], prune_reports: Sequence[PruneReport],
            errors: dict[str, list[float]], figures: Sequence[Path], nsamples: int, seqlen: int,
            probe: torch.Tensor, task_limit: int, max_windows: int | None, seconds: float) -> str:
+    chance = code_tasks.task_chance(limit=task_limit)
     relative = [path.relative_to(args.out) if path.is_relative_to(args.out) else path for path in figures]
     n_layers = len(next(iter(errors.values()))) if errors else 0
     error_rows = [[str(layer), *(f"{values[layer]:.4f}" for values in errors.values())] for layer in range(n_layers)]
@@ -186,7 +187,7 @@ def render(args: argparse.Namespace, name: str, reports: Sequence[EvalReport], p
         f"- perplexity: held-out split, {'first ' + str(max_windows) if max_windows else 'all'} non-overlapping "
         "windows per length, each from an empty context",
         f"- zero-shot: local code tasks from held-out files, first {task_limit} items each (chance: "
-        + ", ".join(f"{task} {100 * value:.1f}%" for task, value in code_tasks.task_chance(limit=task_limit).items()) + ")",
+        + ", ".join(f"{task} {100 * value:.1f}%" for task, value in chance.items()) + ")",
         f"- layer error: {probe.shape[0]} held-out windows of {probe.shape[1]} tokens",
         "",
         "## Dense against pruned",
