@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--models", default="tiny-mha,tiny-gqa")
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--tables", default="table1,table5,table6,gqa", help="which rows to run")
     parser.add_argument("--out", type=Path, default=Path("docs/results/ppl_sweep"))
     args = parser.parse_args()
     results_path = args.out.with_suffix(".json")
@@ -69,6 +70,8 @@ def main() -> None:
             results[key] = {"model": model_name, "table": "dense", "variant": "dense", "ratio": 0.0,
                             "params": sum(p.numel() for p in dense.parameters()), **evaluate(dense)}
         for table, variant, ratio, overrides in rows_to_run(model_name, gqa):
+            if table not in args.tables.split(","):
+                continue
             key = f"{model_name}|{table}|{variant}|{ratio}"
             if key in results:
                 continue

@@ -257,6 +257,21 @@ def test_eval_shorter_than_one_window_is_an_error(tokenizer: PreTrainedTokenizer
         data.eval_windows(tokenizer, str(path), seqlen=512)
 
 
+@pytest.fixture()
+def transformers_warnings() -> Iterator[None]:
+    """Other tests (lm-eval) may silence transformers' logger; make its warnings visible to caplog here."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()
+    hf_logging.enable_propagation()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+@pytest.mark.usefixtures("transformers_warnings")
 def test_long_text_does_not_trigger_the_max_length_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     short_tokenizer = _make_tokenizer(model_max_length=8)  # fresh: transformers warns once per instance
     path = tmp_path / "long.txt"

@@ -133,11 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="cpu")
     demo.set_defaults(func=cmd_demo)
 
-    for module in ("slimgpt.evaluation.cli", "slimgpt.finetune_cli", "slimgpt.export.cli"):
-        try:
-            register = __import__(module, fromlist=["register"]).register
-        except ImportError:  # pragma: no cover - only while a subpackage is being developed
-            continue
+    from slimgpt.evaluation.cli import register as register_eval
+    from slimgpt.export.cli import register as register_export
+    from slimgpt.finetune_cli import register as register_finetune
+
+    for register in (register_eval, register_finetune, register_export):
         register(sub)
     return parser
 
