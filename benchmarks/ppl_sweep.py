@@ -40,7 +40,8 @@ def rows_to_run(model: str, gqa: bool) -> list[tuple[str, str, float, dict[str, 
         rows += [("table5", name, ratio, overrides) for name, overrides in ABLATIONS.items() if overrides]
     rows += [("table6", s, 0.5, {"schedule": s}) for s in SCHEDULES if s != "log-increase"]
     if gqa:
-        rows += [("gqa", "query-heads", r, {"gqa_policy": "query-heads"}) for r in (0.2, 0.5)]
+        policies = ("kv-group", "query-heads")
+        rows += [("gqa", policy, r, {"gqa_policy": policy}) for r in (0.2, 0.5) for policy in policies]
     return rows
 
 
@@ -98,7 +99,7 @@ def render(results: dict[str, Any]) -> str:
     for table, title in (("table1", "Table 1: methods at equal decoder-parameter count"),
                          ("table5", "Table 5: ablations (full SlimGPT is the `slimgpt` row of Table 1)"),
                          ("table6", "Table 6: schedules at 50% (log-increase is the `slimgpt` 50% row of Table 1)"),
-                         ("gqa", "GQA policy on tiny-gqa (kv-group is the `slimgpt` row of Table 1)")):
+                         ("gqa", "GQA policy on tiny-gqa (SlimGPT, log-increase)")):
         rows = [r for r in results.values() if r["table"] in (table, "dense")]
         if not any(r["table"] == table for r in rows):
             continue
