@@ -100,9 +100,10 @@ def render(results: dict[str, Any]) -> str:
                          ("table5", "Table 5: ablations (full SlimGPT is the `slimgpt` row of Table 1)"),
                          ("table6", "Table 6: schedules at 50% (log-increase is the `slimgpt` 50% row of Table 1)"),
                          ("gqa", "GQA policy on tiny-gqa (SlimGPT, log-increase)")):
-        rows = [r for r in results.values() if r["table"] in (table, "dense")]
-        if not any(r["table"] == table for r in rows):
+        models = {r["model"] for r in results.values() if r["table"] == table}
+        if not models:
             continue
+        rows = [r for r in results.values() if r["table"] == table or (r["table"] == "dense" and r["model"] in models)]
         lines += [f"### {title}", "", "| model | variant | ratio | realised | params | PPL 128 | PPL 512 |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         for r in sorted(rows, key=lambda r: (r["model"], r["ratio"], r["variant"] != "slimgpt", r["variant"])):
