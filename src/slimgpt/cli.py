@@ -66,16 +66,13 @@ def _config_from(args: argparse.Namespace) -> PruneConfig:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from slimgpt.io import check_output, save_pruned
+    from slimgpt.io import check_checkpoint, check_output, save_pruned
     from slimgpt.modeling import load_model
     from slimgpt.prune import prune_model
 
     config = _config_from(args)  # validates every option before any work
     output = check_output(args.output, args.overwrite)
-    checkpoint = Path(args.checkpoint_dir) if args.checkpoint_dir else output.with_name(output.name + ".checkpoint")
-    if checkpoint.exists() and not args.resume:
-        raise SlimGPTError(f"a checkpoint of an earlier run is at {checkpoint}: pass --resume to continue it, "
-                           "or delete it to start over")
+    checkpoint = check_checkpoint(output, args.checkpoint_dir, args.resume)
     if args.stream:  # one decoder layer in memory at a time (slimgpt.streaming)
         from slimgpt.streaming import stream_prune
 

@@ -88,15 +88,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from slimgpt.finetune import check_data_source, finetune, load_training_data, save_finetuned
-    from slimgpt.io import check_output
+    from slimgpt.io import check_checkpoint, check_output
     from slimgpt.modeling import load_model, resolve_model_path
 
     config = config_from(args)  # validates every option before any work
     output = check_output(args.output, args.overwrite)
-    checkpoint = Path(args.checkpoint_dir) if args.checkpoint_dir else output.with_name(output.name + ".checkpoint")
-    if checkpoint.exists() and not args.resume:
-        raise SlimGPTError(f"a checkpoint of an earlier run is at {checkpoint}: pass --resume to continue it, "
-                           "or delete it to start over")
+    checkpoint = check_checkpoint(output, args.checkpoint_dir, args.resume)
     check_data_source(config.data)
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise SlimGPTError(f"--device {config.device} but no CUDA device is available: pass --device cpu")

@@ -23,6 +23,18 @@ def check_output(output: str | Path, overwrite: bool) -> Path:
     return path
 
 
+def check_checkpoint(output: Path, checkpoint_dir: str | None, resume: bool) -> Path:
+    """The per-step checkpoint folder of a long run (default ``OUTPUT.checkpoint``).
+
+    A leftover checkpoint means an earlier run stopped part-way: refuse to start over silently.
+    """
+    checkpoint = Path(checkpoint_dir) if checkpoint_dir else output.with_name(output.name + ".checkpoint")
+    if checkpoint.exists() and not resume:
+        raise OutputExistsError(f"a checkpoint of an earlier run is at {checkpoint}: pass --resume to continue it, "
+                                "or delete it to start over")
+    return checkpoint
+
+
 def write_atomic_dir(output: str | Path, fill: Any, overwrite: bool) -> Path:
     """Create ``output`` by filling a temporary sibling directory, then renaming it into place.
 
