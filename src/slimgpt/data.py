@@ -29,7 +29,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -388,8 +388,11 @@ def _read_local(path: Path) -> list[str]:
     return documents
 
 
-def _read_jsonl(file: Path) -> list[str]:
-    texts: list[str] = []
+def jsonl_objects(file: Path, example: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each non-blank line of a ``.jsonl`` file as ``(where, object)``; ``where`` names file and line.
+
+    A line that is not a JSON object is a one-line DataError; ``example`` shows the object expected.
+    """
     with file.open(encoding="utf-8", errors="replace") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -398,15 +401,21 @@ def _read_jsonl(file: Path) -> list[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise DataError(f"{where} is not valid JSON ({error.msg}): write one JSON object per line") from error
+                raise DataError(f"{where} is not valid JSON ({error.msg}): write one JSON object per line") from None
             if not isinstance(record, dict):
-                raise DataError(f'{where} is not a JSON object: write one {{"text": ...}} object per line')
-            if "text" not in record:
-                fields = ", ".join(map(str, record)) or "none"
-                raise DataError(f"{where} has no 'text' field (fields: {fields}): put each document in a 'text' field")
-            if not isinstance(record["text"], str):
-                raise DataError(f"{where} has a 'text' field that is not a string: store the document as text")
-            texts.append(record["text"])
+                raise DataError(f"{where} is not a JSON object: write one {example} object per line")
+            yield where, record
+
+
+def _read_jsonl(file: Path) -> list[str]:
+    texts: list[str] = []
+    for where, record in jsonl_objects(file, '{"text": ...}'):
+        if "text" not in record:
+            fields = ", ".join(map(str, record)) or "none"
+            raise DataError(f"{where} has no 'text' field (fields: {fields}): put each document in a 'text' field")
+        if not isinstance(record["text"], str):
+            raise DataError(f"{where} has a 'text' field that is not a string: store the document as text")
+        texts.append(record["text"])
     return texts
 
 

@@ -321,24 +321,14 @@ def _hub_records(name: str, hub: data_sources.HubSource) -> list[dict[str, Any]]
 def _jsonl_records(path: Path) -> list[dict[str, Any]] | None:
     """Records of an instruction ``.jsonl``; None if its first record is a ``text`` record (raw text)."""
     records: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{str(path)!r} line {line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where} is not valid JSON ({error.msg}): write one JSON object per line") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where} is not a JSON object: write one object per line")
-            if not records and "text" in record and "instruction" not in record:
-                return None  # raw text records: slimgpt.data reads them
-            missing = [key for key in INSTRUCTION_FIELDS if key not in record]
-            if missing:
-                raise DataError(f"{where} has no {', '.join(map(repr, missing))} field: write instruction records "
-                                "as {\"instruction\", \"input\", \"output\"} (or raw text as {\"text\"})")
-            records.append(record)
+    for where, record in data_sources.jsonl_objects(path, "instruction"):
+        if not records and "text" in record and "instruction" not in record:
+            return None  # raw text records: slimgpt.data reads them
+        missing = [key for key in INSTRUCTION_FIELDS if key not in record]
+        if missing:
+            raise DataError(f"{where} has no {', '.join(map(repr, missing))} field: write instruction records "
+                            "as {\"instruction\", \"input\", \"output\"} (or raw text as {\"text\"})")
+        records.append(record)
     if not records:
         raise DataError(f"{str(path)!r} holds no records: write one JSON object per line")
     return records
