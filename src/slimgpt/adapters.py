@@ -104,6 +104,29 @@ class ModelAdapter:
         """The layer's second half: residual + mlp(norm(hidden))."""
         raise NotImplementedError  # pragma: no cover - abstract
 
+    # --- SliceGPT (slimgpt.slicegpt): the residual stream's readers and writers ----------------------
+    norm_subtracts_mean = False  # LayerNorm (OPT) centres its input; RMSNorm (LLaMA-like) does not
+
+    def norm_paths(self) -> tuple[str, str]:
+        """Attribute paths of the norm before attention and the norm before the FFN."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def attend(self, layer: Any, normed: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        """The attention output for already-normalised inputs (no residual)."""
+        out, _ = self.attention(layer)(hidden_states=normed, **kwargs)
+        return out
+
+    def feed_forward(self, layer: Any, normed: torch.Tensor) -> torch.Tensor:
+        """The FFN output for already-normalised inputs (no residual)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def embedding_paths(self) -> list[str]:
+        """Embeddings added into the residual stream, as paths relative to the decoder."""
+        return ["embed_tokens"]
+
+    def check_sliceable(self, model: Any) -> None:
+        """Raise UnsupportedModelError if the model's layout has no rotation-invariant form."""
+
     # --- surgery -------------------------------------------------------------------------------------
     def _set_linear(self, layer: Any, path: str, linear: nn.Linear) -> None:
         parent_path, _, name = path.rpartition(".")
@@ -187,6 +210,12 @@ class LlamaLikeAdapter(ModelAdapter):
     def mlp_block(self, layer: Any, hidden: torch.Tensor) -> torch.Tensor:
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
+    def norm_paths(self) -> tuple[str, str]:
+        return "input_layernorm", "post_attention_layernorm"
+
+    def feed_forward(self, layer: Any, normed: torch.Tensor) -> torch.Tensor:
+        return layer.mlp(normed)
+
 
 class OPTAdapter(ModelAdapter):
     """OPT: LayerNorm, biases everywhere, fc1/fc2 with ReLU, learned positions."""
@@ -220,6 +249,30 @@ class OPTAdapter(ModelAdapter):
         x = layer.final_layer_norm(hidden) if layer.do_layer_norm_before else hidden
         out = hidden + layer.fc2(layer.activation_fn(layer.fc1(x)))
         return out if layer.do_layer_norm_before else layer.final_layer_norm(out)
+
+    norm_subtracts_mean = True
+
+    def norm_paths(self) -> tuple[str, str]:
+        return "self_attn_layer_norm", "final_layer_norm"
+
+    def feed_forward(self, layer: Any, normed: torch.Tensor) -> torch.Tensor:
+        return layer.fc2(layer.activation_fn(layer.fc1(normed)))
+
+    def embedding_paths(self) -> list[str]:
+        return ["embed_tokens", "embed_positions"]
+
+    def check_sliceable(self, model: Any) -> None:
+        config = model.config
+        if not config.do_layer_norm_before:
+            raise UnsupportedModelError("--method slicegpt needs pre-norm layers; this OPT normalises after the "
+                                        "residual add (OPT-350m): use another method for it")
+        decoder = model.get_decoder()
+        if decoder.project_in is not None or decoder.project_out is not None:
+            raise UnsupportedModelError("--method slicegpt does not support OPT's project_in / project_out "
+                                        "(word_embed_proj_dim != hidden_size)")
+        if config.layer_norm_elementwise_affine and not config.enable_bias:
+            raise UnsupportedModelError("--method slicegpt folds OPT's LayerNorm shifts into the next layers' "
+                                        "biases, and this model has none (enable_bias=False)")
 
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {

@@ -70,6 +70,9 @@ METHOD_SUMMARIES = {
     "llm-pruner": "LLM-Pruner (Ma et al., NeurIPS 2023; baseline): coupled groups ranked by first-order Taylor "
                   "importance |w * dL/dw|,\nuniform ratio on the middle layers, first and last layers kept, "
                   "no compensation (no LoRA tuning).",
+    "slicegpt": "SliceGPT (Ashkboos et al., ICLR 2024; baseline): norms folded, each block's residual stream rotated "
+                "into the\nprincipal directions of its calibration signal and sliced to a narrower width, with "
+                "shortcut matrices\n(heads and FFN channels kept).",
 }
 
 
@@ -87,10 +90,14 @@ def _options(report: PruneReport) -> str:
 def model_card(report: PruneReport) -> str:
     calib = report.calibration
     ratios = ", ".join(f"{r:.3f}" for r in report.schedule["ratios"])
+    sliced = any(r.widths for r in report.layers)
     widths = "\n".join(
         f"| {r.layer} | {r.heads_kept}/{r.heads_total} | {r.kv_heads_kept}/{r.kv_heads_total} | "
-        f"{r.ffn_kept}/{r.ffn_total} |" for r in report.layers
+        f"{r.ffn_kept}/{r.ffn_total} |" + (f" {' / '.join(map(str, r.widths))} |" if sliced else "")
+        for r in report.layers
     )
+    header = "| layer | heads | kv heads | ffn |" + (" stream width (in / mid / out) |" if sliced else "")
+    rule = "| ---: | ---: | ---: | ---: |" + (" ---: |" if sliced else "")
     versions = ", ".join(f"{k} {v}" for k, v in report.versions.items())
     return f"""---
 library_name: transformers
@@ -112,8 +119,8 @@ Physically smaller: every layer has its own width.
 - Options: {_options(report)}
 - Versions: {versions}
 
-| layer | heads | kv heads | ffn |
-| ---: | ---: | ---: | ---: |
+{header}
+{rule}
 {widths}
 
 ## Loading

@@ -44,12 +44,14 @@ class SlimConfigMixin:
     layer_output_bias: every decoder layer's attention output (o_proj) and FFN output (down_proj) has
     a bias, even where the family has none (LLaMA): FLAP's compensation stores the mean contribution
     of the removed channels there.
+    slice_dims: the residual-stream widths of a SliceGPT-sliced model (slimgpt.slicing), or None.
     """
 
     layer_num_attention_heads: list[int] | None
     layer_num_key_value_heads: list[int] | None
     layer_intermediate_sizes: list[int] | None
     layer_output_bias: bool
+    slice_dims: list[int] | None
 
     def layer_sizes(self) -> list[LayerSizes]:
         cfg: Any = self
@@ -74,6 +76,10 @@ class _SlimModelMixin:
             if getattr(model.config, "layer_output_bias", False):
                 for linear in (adapter.attn_output(layer), adapter.mlp_output(layer)):
                     add_zero_bias(linear)
+        if getattr(model.config, "slice_dims", None):
+            from slimgpt.slicing import apply_slice_dims  # late: slicing builds on the adapters only
+
+            apply_slice_dims(model, list(model.config.slice_dims))
 
 
 def add_zero_bias(linear: torch.nn.Linear) -> None:
@@ -95,11 +101,13 @@ def _make_family(base_config: type[PretrainedConfig], base_model: type[PreTraine
             "layer_num_key_value_heads": list[int] | None,
             "layer_intermediate_sizes": list[int] | None,
             "layer_output_bias": bool,
+            "slice_dims": list[int] | None,
         },
         "layer_num_attention_heads": None,
         "layer_num_key_value_heads": None,
         "layer_intermediate_sizes": None,
         "layer_output_bias": False,
+        "slice_dims": None,
         "__module__": __name__,
     }
     config_cls: Any = strict(type(f"Slim{base_config.__name__}", (SlimConfigMixin, base_config), namespace))
@@ -128,10 +136,12 @@ for _config_cls, _model_cls in FAMILIES.values():
     AutoModelForCausalLM.register(_config_cls, _model_cls, exist_ok=True)
 
 
-def slim_config_from(config: PretrainedConfig, sizes: list[LayerSizes], output_bias: bool = False) -> PretrainedConfig:
+def slim_config_from(config: PretrainedConfig, sizes: list[LayerSizes], output_bias: bool = False,
+                     slice_dims: list[int] | None = None) -> PretrainedConfig:
     """The ``slimgpt_<family>`` config describing ``config``'s model with per-layer ``sizes``.
 
     output_bias: the layers' o_proj / down_proj carry a bias (``layer_output_bias``).
+    slice_dims: the model was sliced by SliceGPT (slimgpt.slicing); its embeddings are no longer tied.
     """
     family = config.model_type.removeprefix("slimgpt_")
     config_cls, _ = FAMILIES[family]
@@ -143,7 +153,10 @@ def slim_config_from(config: PretrainedConfig, sizes: list[LayerSizes], output_b
         layer_num_key_value_heads=[s.n_kv_heads for s in sizes],
         layer_intermediate_sizes=[s.ffn_dim for s in sizes],
         layer_output_bias=bool(output_bias),
+        slice_dims=list(slice_dims) if slice_dims else None,
     )
+    if slice_dims:
+        values["tie_word_embeddings"] = False
     if family != "opt":
         values["head_dim"] = get_adapter(config).head_dim
     slim = config_cls(**values)

@@ -347,6 +347,10 @@ def prune_model(
     (e.g. to write it out and free it); see slimgpt.streaming.
     """
     adapter = get_adapter(model.config)
+    if config.method == "slicegpt":
+        return _slice(model, config, calibration, tokenizer, checkpoint_dir=checkpoint_dir, resume=resume,
+                      model_name=model_name, progress=progress, stop_after_layer=stop_after_layer,
+                      layer_hooks=layer_hooks)
     method = get_method(config)
     device = torch.device(config.device)
     store = torch.device("cpu") if config.offload else device
@@ -363,16 +367,8 @@ def prune_model(
     if calibration is not None and not method.needs_data:
         logger.info("--method %s uses no calibration data; the calibration windows are not used", config.method)
         calibration = None
-    if calibration is None and method.needs_data:
-        if tokenizer is None:
-            raise ConfigError("calibration data is needed: pass calibration token ids or a tokenizer")
-        from slimgpt.data import calibration_windows
-
-        calibration = calibration_windows(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
-    if calibration is not None:
-        if calibration.ndim != 2 or calibration.shape[0] < 1:
-            raise DataError(f"calibration ids must be [nsamples, seqlen], got shape {tuple(calibration.shape)}")
-        calibration = calibration.long()
+    if method.needs_data:
+        calibration = _calibration(config, calibration, tokenizer)
     if method_plan is not None:  # on the dense model, before any checkpointed layer is restored
         with watch.stage("plan", device):
             schedule = method_plan(model, adapter, calibration, config)
@@ -465,6 +461,30 @@ def prune_model(
     describe = getattr(method, "ratio_convention", None)
     report.ratio_convention = describe(report) if describe is not None else decoder_ratio_convention(report)
     return report
+
+
+def _calibration(config: PruneConfig, calibration: torch.Tensor | None, tokenizer: Any) -> torch.Tensor:
+    """The calibration token ids: as given, or drawn from ``config.calib`` with ``tokenizer``."""
+    if calibration is None:
+        if tokenizer is None:
+            raise ConfigError("calibration data is needed: pass calibration token ids or a tokenizer")
+        from slimgpt.data import calibration_windows
+
+        calibration = calibration_windows(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
+    if calibration.ndim != 2 or calibration.shape[0] < 1:
+        raise DataError(f"calibration ids must be [nsamples, seqlen], got shape {tuple(calibration.shape)}")
+    return calibration.long()
+
+
+def _slice(model: nn.Module, config: PruneConfig, calibration: torch.Tensor | None, tokenizer: Any,
+           layer_hooks: LayerHooks | None, **kwargs: Any) -> PruneReport:
+    """``--method slicegpt``: rotate and slice the residual stream (slimgpt.slicegpt)."""
+    from slimgpt.slicegpt import slice_model
+
+    if layer_hooks is not None:
+        raise ConfigError("--method slicegpt rotates the embeddings before the first layer, which needs the whole "
+                          "model in memory: load it without layer streaming")
+    return slice_model(model, config, _calibration(config, calibration, tokenizer), **kwargs)
 
 
 def _run_batches(hidden: torch.Tensor, kwargs_by_size: dict[int, dict[str, Any]], batch_size: int,

@@ -27,6 +27,7 @@ class LayerReport:
     peak_memory_bytes: int = 0
     kept_heads: list[int] = field(default_factory=list)
     kept_channels: list[int] = field(default_factory=list)
+    widths: list[int] = field(default_factory=list)  # SliceGPT: residual widths (input, middle, output)
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from slimgpt.errors import ConfigError
@@ -43,6 +44,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     source = Path(args.directory)
     if not source.is_dir():
         raise ConfigError(f"{source} is not a folder: pass the folder written by `slimgpt prune`")
+    config_path = source / "config.json"
+    if config_path.exists() and json.loads(config_path.read_text()).get("slice_dims"):
+        raise ConfigError(f"{source} was sliced by --method slicegpt (shortcut matrices between layers), which no "
+                          "export format describes: load it with slimgpt (`import slimgpt`, then from_pretrained)")
     if args.export_format != "remote-code" and args.output is None:
         kind = "file" if args.export_format == "gguf" else "folder"
         raise ConfigError(f"--format {args.export_format} writes a new {kind}: pass --output")
