@@ -92,9 +92,9 @@ FORMAT_VERSION = 1
 ALL_TABLES = ("1", "5", "6", "14", "fig3", "gqa")
 TABLE1_RATIOS = (0.2, 0.25, 0.33, 0.5)
 ABLATION_RATIOS = (0.2, 0.5)
-BASELINES = ("magnitude", "wanda-sp", "flap", "llm-pruner")
-# SliceGPT reduces the hidden width instead; it joins Table 1 once slimgpt implements it.
-TABLE1_METHODS = ("slimgpt", *BASELINES, "slicegpt")
+BASELINES = ("magnitude", "wanda-sp", "flap", "llm-pruner", "slicegpt")
+TABLE1_METHODS = ("slimgpt", *BASELINES)
+FINDINGS = "findings.md"  # hand-written analysis of the NOT HELD rows, kept next to the generated tables
 ABLATIONS: Mapping[str, Mapping[str, Any]] = {
     "SlimGPT": {},
     "-GCD (head_score=diag)": {"head_score": "diag"},
@@ -992,6 +992,8 @@ def render(tables: Tables, plan: Plan, options: Options, settings: EvalSettings,
         parts += ["## The paper's claims", "", markdown_table(
             ["claim", "verdict", f"evidence (PPL, {SHORT_WINDOW}-token windows)"],
             [[c.claim, f"**{c.verdict}**", c.evidence] for c in claims]), ""]
+        if (out / FINDINGS).exists():
+            parts += [f"Why a claim is not held, row by row (bug, scale or method): [{FINDINGS}]({FINDINGS}).", ""]
     if "1" in options.tables:
         parts.append(tables.table1(plan, options))
         parts += [f"![{name}]({path.relative_to(out) if path.is_relative_to(out) else path})" for name, path
