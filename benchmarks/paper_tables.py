@@ -574,6 +574,9 @@ class Tables:
 
     def _line(self, spec: RowSpec, label: str, ratio: str) -> list[str]:
         row = self.get(spec)
+        dims = ((row or {}).get("prune") or {}).get("schedule", {}).get("slice_dims")
+        if dims:  # SliceGPT's own ratio: the hidden width it keeps
+            label += f" (width {dims[0]}/{dims[-1]})"
         realised = "–" if row is None else f"{100 * row['realised_ratio']:.1f}%"
         params = "–" if row is None else format_count(row["parameters"])
         return [label, ratio, realised, params, *self.ppl_cells(spec.model, row), *task_cells(row),
@@ -981,7 +984,9 @@ def render(tables: Tables, plan: Plan, options: Options, settings: EvalSettings,
         f"{50 / math.sqrt(settings.task_limit or code_tasks.DEFAULT_ITEMS):.1f} points: perplexity is the "
         "finer measure.",
         "- ratio = fraction of decoder-layer parameters removed (embeddings excluded); `realised` is what "
-        "each method actually removed, `params` counts the whole model.",
+        "each method actually removed, `params` counts the whole model. SliceGPT's rows name the hidden width "
+        "it keeps (its own ratio convention is the width sliced); its decoder count includes the shortcut "
+        "matrices, and its `params` include the lm_head it unties from the (sliced) embeddings.",
         "",
     ]
     if plan.notes:
