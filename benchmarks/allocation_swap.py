@@ -3,11 +3,13 @@
 Table 1 mixes two decisions: how many heads / channels each layer loses (the allocation) and which ones
 go and how the rest are compensated (the selection). This script keeps SlimGPT's selection and OBS
 compensation and swaps in the allocation of FLAP (global ranking over heads and channels of all layers)
-or LLM-Pruner (uniform on the middle layers, first and last kept), at equal parameter count, so a row
+or LLM-Pruner (uniform on the middle layers, first and last kept) or Wanda-sp / magnitude (uniform
+over all layers, heads and channels), at equal parameter count, so a row
 where a baseline beats SlimGPT can be traced to one of the two.
 
     python benchmarks/allocation_swap.py                      # tiny-mha, 20% and 50%
-    python benchmarks/allocation_swap.py --model tiny-gqa --ratios 0.2,0.33,0.5
+    python benchmarks/allocation_swap.py --model tiny-gqa --ratios 0.2 --donors flap,wanda-sp \
+        --json docs/results/allocation_swap_gqa.json
 
 Writes ``--json`` (default docs/results/allocation_swap.json) and prints a markdown table.
 """
@@ -66,6 +68,8 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--windows", type=int, default=160, help="128-token held-out windows, evenly spread")
+    parser.add_argument("--donors", default="flap,llm-pruner",
+                        help="methods whose allocation SlimGPT borrows (wanda-sp / magnitude: uniform)")
     parser.add_argument("--json", type=Path, default=Path("docs/results/allocation_swap.json"))
     args = parser.parse_args()
     dense, tokenizer = load_model(args.model, dtype=torch.float32)
@@ -75,9 +79,9 @@ def main() -> None:
     rows: list[dict[str, Any]] = [{"variant": "dense", "ratio": 0.0, "realised": 0.0,
                                    "ppl128": perplexity(dense, windows, batch_size=16, progress=False)}]
     for ratio in (float(r) for r in args.ratios.split(",")):
-        variants = [("slimgpt", "slimgpt", None), ("flap", "flap", None), ("llm-pruner", "llm-pruner", None),
-                    ("SlimGPT solver + FLAP allocation", "slimgpt", "flap"),
-                    ("SlimGPT solver + LLM-Pruner allocation", "slimgpt", "llm-pruner")]
+        donors = args.donors.split(",")
+        variants = [("slimgpt", "slimgpt", None), *[(donor, donor, None) for donor in donors],
+                    *[(f"SlimGPT solver + {donor} allocation", "slimgpt", donor) for donor in donors]]
         for label, method, allocation in variants:
             config = PruneConfig(method=method, ratio=ratio, calib="builtin", nsamples=args.nsamples,
                                  seqlen=args.seqlen, batch_size=8)
