@@ -212,7 +212,7 @@ def test_paper_tables_quick_runs_end_to_end_and_resumes(
     markdown = (out / "paper_tables_quick.md").read_text()
     assert "## Table 1" in markdown and "CPU time budget" in markdown
     assert "SlimGPT has a lower PPL than every baseline" in markdown
-    assert "not measured: flap, llm-pruner, wanda-sp" in markdown
+    assert "not measured: flap, llm-pruner, slicegpt, wanda-sp" in markdown
     assert (out / f"paper_tables_quick_ppl_vs_ratio_{tiny_model.name}.png").stat().st_size > 1000
 
     # A rerun reuses every finished row; a lost row (an interrupted run) is the only one redone.
