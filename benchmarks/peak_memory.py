@@ -84,8 +84,9 @@ def estimate(shape: Shape, nsamples: int, seqlen: int, dtype_bytes: int, batch_s
     d, F, b = shape.hidden, shape.ffn, dtype_bytes
     tokens = nsamples * seqlen
     terms = {
-        # Calibration activations: one [N, S, d] buffer, updated in place layer after layer.
-        "activations": tokens * d * b,
+        # Calibration activations: one [N, S, d] buffer, updated in place layer after layer, and o_proj's
+        # inputs [N, S, heads * head_dim] of the layer being pruned (pre-norm layers), one buffer reused.
+        "activations": tokens * d * b + tokens * shape.heads * shape.head_dim * b,
         # The layer being pruned, in the model's dtype.
         "layer_weights": shape.layer_params * b,
         # float32 Hessians during the FFN solve: X X^T of o_proj (d^2) kept for the error report; of

@@ -1,8 +1,11 @@
 """End-to-end pruning time against the calibration forward passes alone (issue 6).
 
-The pruning driver runs every calibration token through every layer about three times (attention
-statistics, FFN statistics, propagation) and solves two OBS problems per layer. The yardstick is one
-plain forward of the whole dense model over the same N x S calibration tokens (no pruning, no hooks,
+The pruning driver makes three passes over the calibration tokens per layer and solves two OBS problems.
+Pass 1 runs the dense attention half up to o_proj (o_proj's input Hessian; those inputs are kept);
+pass 2 is o_proj's matmul on the kept inputs plus the FFN half up to down_proj (down_proj's input
+Hessian); pass 3 is the pruned FFN half (propagation). That is about 1.3-1.4 dense layer forwards plus
+the Hessian products X^T X (post-norm OPT runs its attention half in all three passes). The yardstick is
+one plain forward of the whole dense model over the same N x S calibration tokens (no pruning, no hooks,
 lm_head included). The target: pruning takes at most 2x that forward.
 
 For each ratio and solver the dense model is copied, pruned with ``prune_model``, and timed end to end;

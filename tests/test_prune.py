@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
 
 import slimgpt
 from conftest import FAMILIES, calibration, make_model, probe
 from slimgpt import PruneConfig, prune_model, save_pruned
 from slimgpt.adapters import get_adapter
 from slimgpt.errors import ConfigError, NumericalError, UnsupportedModelError
-from slimgpt.prune import decoder_params, layer_geometry
+from slimgpt.prune import _input_of, capture_layer_inputs, decoder_params, layer_geometry
 
 
 def _config(**overrides: object) -> PruneConfig:
@@ -168,3 +168,54 @@ def test_bf16_model_keeps_dtype() -> None:
     model = make_model("llama").to(torch.bfloat16)
     prune_model(model, _config(ratio=0.3), calibration(), progress=False)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def _post_norm_opt() -> torch.nn.Module:
+    """OPT-350m's layout: LayerNorm after each residual add."""
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=96, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                     ffn_dim=96, max_position_embeddings=128, word_embed_proj_dim=64,
+                                     do_layer_norm_before=False))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "opt-post-norm"])
+def test_attention_is_residual_says_when_o_proj_ends_the_attention_half(family: str) -> None:
+    model = _post_norm_opt() if family == "opt-post-norm" else make_model(family)
+    adapter = get_adapter(model.config)
+    layer = adapter.decoder_layers(model)[0]
+    with torch.no_grad():
+        h, kwargs_by_size = capture_layer_inputs(model, adapter, probe(), 2, torch.device("cpu"),
+                                                 torch.device("cpu"))
+        kw = kwargs_by_size[2]
+        o_proj = adapter.attn_output(layer)
+        inner = _input_of(o_proj, lambda: adapter.attention_block(layer, h, kw))
+        rebuilt = h + o_proj(inner)
+        same = torch.allclose(rebuilt, adapter.attention_block(layer, h, kw), atol=1e-6)
+    assert adapter.attention_is_residual(layer) == (family != "opt-post-norm")
+    assert same == adapter.attention_is_residual(layer)
+
+
+@pytest.mark.parametrize("method", ["slimgpt", "flap"])
+@pytest.mark.parametrize("ratio", [0.2, 0.5])
+@pytest.mark.parametrize("family", ["llama", "llama-gqa", "opt", "opt-post-norm"])
+def test_reused_attention_inputs_equal_rerunning_attention(family: str, ratio: float, method: str) -> None:
+    """The driver's cheap path (o_proj's inputs kept from the first pass, propagation through the FFN half
+    only) prunes as running the attention half in every pass does, up to float rounding."""
+    build = _post_norm_opt if family == "opt-post-norm" else lambda: make_model(family)
+    config = _config(ratio=ratio, method=method)
+    fast, reference = build(), build()
+    fast_report = prune_model(fast, config, calibration(), progress=False)
+    reference_report = prune_model(reference, config, calibration(), progress=False, _rerun_attention=True)
+    for ours, theirs in zip(fast_report.layers, reference_report.layers, strict=True):
+        assert (ours.kept_heads, ours.kept_channels) == (theirs.kept_heads, theirs.kept_channels)
+    assert any(row.heads_kept < row.heads_total or row.ffn_kept < row.ffn_total for row in fast_report.layers)
+    fast_state, reference_state = fast.state_dict(), reference.state_dict()
+    assert fast_state.keys() == reference_state.keys()
+    for key, value in fast_state.items():
+        assert torch.allclose(value, reference_state[key], atol=1e-5, rtol=0), key
+    with torch.no_grad():
+        assert torch.allclose(fast(probe()).logits, reference(probe()).logits, atol=1e-5, rtol=0)

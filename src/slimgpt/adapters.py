@@ -104,6 +104,15 @@ class ModelAdapter:
         """The layer's second half: residual + mlp(norm(hidden))."""
         raise NotImplementedError  # pragma: no cover - abstract
 
+    def attention_is_residual(self, layer: Any) -> bool:
+        """Whether ``attention_block(layer, h, kw) == h + o_proj(x)``, x being what o_proj receives.
+
+        True for pre-norm layers, where nothing follows o_proj but the residual add: the driver then
+        rebuilds the attention half after changing o_proj from the o_proj inputs it kept, instead of
+        running q/k/v and softmax again. Post-norm layers normalise after the add and answer False.
+        """
+        return False
+
     # --- SliceGPT (slimgpt.slicegpt): the residual stream's readers and writers ----------------------
     norm_subtracts_mean = False  # LayerNorm (OPT) centres its input; RMSNorm (LLaMA-like) does not
 
@@ -210,6 +219,9 @@ class LlamaLikeAdapter(ModelAdapter):
     def mlp_block(self, layer: Any, hidden: torch.Tensor) -> torch.Tensor:
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
+    def attention_is_residual(self, layer: Any) -> bool:
+        return True
+
     def norm_paths(self) -> tuple[str, str]:
         return "input_layernorm", "post_attention_layernorm"
 
@@ -249,6 +261,9 @@ class OPTAdapter(ModelAdapter):
         x = layer.final_layer_norm(hidden) if layer.do_layer_norm_before else hidden
         out = hidden + layer.fc2(layer.activation_fn(layer.fc1(x)))
         return out if layer.do_layer_norm_before else layer.final_layer_norm(out)
+
+    def attention_is_residual(self, layer: Any) -> bool:
+        return bool(layer.do_layer_norm_before)  # OPT-350m is post-norm
 
     norm_subtracts_mean = True
 

@@ -2,14 +2,22 @@
 
 1. Run the calibration windows through everything before the first decoder layer and keep layer 0's
    inputs together with the keyword arguments its forward needs (mask, rotary embeddings, ...).
-2. For each layer, on the compute device: run its attention half with a hook on o_proj's input, let the
-   method decide which heads go, write the compensated o_proj; run its attention and FFN halves with a
-   hook on down_proj's input, let the method decide which channels go, write down_proj; shrink the
-   layer physically; run the pruned layer to get the next layer's inputs.
+2. For each layer, on the compute device, three passes over the calibration windows:
+   a. the attention half up to o_proj: statistics of o_proj's inputs (the per-head attention outputs),
+      which are also kept on the activation store. The method decides which heads go; the compensated
+      o_proj is written.
+   b. the attention half's new output, h + o_proj(kept inputs): removing heads leaves the kept heads'
+      outputs unchanged, so no q/k/v or softmax runs again. It overwrites the layer's inputs; the FFN half
+      runs up to down_proj for the statistics of down_proj's inputs. The method decides which channels
+      go; down_proj is written and the layer shrunk physically.
+   c. propagation: the pruned FFN half on (b)'s output gives the next layer's inputs.
+   Every statistics pass stops at the hooked linear: nothing after it is needed. Post-norm layers
+   (OPT-350m), where a LayerNorm follows the residual add, run the whole attention half in (b) and (c).
 A method may plan before the loop (``method.plan``: the baselines' uniform ratios, FLAP's global
 ranking, LLM-Pruner's gradients); SlimGPT uses ``plan_schedule``. Methods that need no data (magnitude)
 skip every calibration pass.
-Only the layer being pruned is on the compute device; activations can stay on the CPU (``offload``).
+Only the layer being pruned is on the compute device; the activations (layer inputs, o_proj inputs) can
+stay on the CPU (``offload``).
 Each finished layer can be checkpointed, and an interrupted run resumed bit for bit.
 """
 
@@ -20,8 +28,10 @@ import logging
 import os
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -337,6 +347,7 @@ def prune_model(
     progress: bool = True,
     stop_after_layer: int | None = None,
     layer_hooks: LayerHooks | None = None,
+    _rerun_attention: bool = False,
 ) -> PruneReport:
     """Prune ``model`` in place with ``config``; returns the report.
 
@@ -345,6 +356,8 @@ def prune_model(
     stop_after_layer: stop after pruning that layer (tests use it to simulate a crash).
     layer_hooks: called before a layer is pruned (e.g. to materialise its weights from disk) and after
     (e.g. to write it out and free it); see slimgpt.streaming.
+    _rerun_attention: run every layer's attention half in all three passes instead of reusing o_proj's
+    inputs (the straightforward path; tests compare the two).
     """
     adapter = get_adapter(model.config)
     if config.method == "slicegpt":
@@ -408,6 +421,7 @@ def prune_model(
                                                             device, store)
         hidden = hidden if hidden is not None else captured
         del captured
+    acts = _Activations(hidden, kwargs_by_size, config.batch_size, device) if hidden is not None else None
 
     bar = tqdm(range(first_layer, len(layers)), desc=f"{config.method} layers", disable=not progress)
     for index in bar:
@@ -417,8 +431,8 @@ def prune_model(
             layer_hooks.before(index, layer)
         home = next(layer.parameters()).device
         layer.to(device)
-        row = _prune_layer(index, layer, adapter, method, config, schedule, hidden, kwargs_by_size, device,
-                           watch, compact)
+        row = _prune_layer(index, layer, adapter, method, config, schedule, acts, device, watch, compact,
+                           _rerun_attention)
         layer.to(home)
         row.seconds = time.perf_counter() - start
         row.peak_memory_bytes = peak_memory(device)
@@ -426,11 +440,9 @@ def prune_model(
         logger.info("layer %d: heads %d/%d, kv %d/%d, ffn %d/%d, o_proj err %s, down_proj err %s",
                     index, row.heads_kept, row.heads_total, row.kv_heads_kept, row.kv_heads_total, row.ffn_kept,
                     row.ffn_total, row.attn_error, row.ffn_error)
-        if checkpoint is not None and hidden is not None:
-            from dataclasses import asdict
-
-            checkpoint.save(index, layer, hidden, {"config": config.to_dict(), "rows": [asdict(r) for r in rows],
-                                                   "stage_seconds": watch.seconds})
+        if checkpoint is not None and acts is not None:
+            state = {"config": config.to_dict(), "rows": [asdict(r) for r in rows], "stage_seconds": watch.seconds}
+            checkpoint.save(index, layer, acts.hidden, state)
         if layer_hooks is not None:
             layer_hooks.after(index, layer)
         if stop_after_layer is not None and index >= stop_after_layer:
@@ -495,25 +507,123 @@ def _run_batches(hidden: torch.Tensor, kwargs_by_size: dict[int, dict[str, Any]]
         yield part, h, {k: _to(v, device) for k, v in kwargs_by_size[h.shape[0]].items()}
 
 
+@dataclass
+class _Activations:
+    """The calibration activations the layer passes read and write, on the store (CPU with offload).
+
+    hidden: [N, S, d], the current layer's inputs; the passes overwrite them with the layer's outputs.
+    inner: [N, S, heads * head_dim], o_proj's inputs in the current layer (pre-norm layers only), so the
+    attention half with a new o_proj is one matmul. Allocated once and reused by every layer.
+    """
+
+    hidden: torch.Tensor
+    kwargs_by_size: dict[int, dict[str, Any]]
+    batch_size: int
+    device: torch.device
+    inner: torch.Tensor | None = None
+
+    def batches(self) -> Iterator[tuple[slice, torch.Tensor, dict[str, Any]]]:
+        """(windows, layer inputs on the device, layer kwargs on the device) for each batch."""
+        return _run_batches(self.hidden, self.kwargs_by_size, self.batch_size, self.device)
+
+    def keep_inner(self, part: slice, x: torch.Tensor) -> None:
+        """Store o_proj's input ``x`` [B, S, heads * head_dim] of the windows ``part``."""
+        if self.inner is None or self.inner.shape[-1] != x.shape[-1] or self.inner.dtype != x.dtype:
+            self.inner = torch.empty((*self.hidden.shape[:2], x.shape[-1]), dtype=x.dtype, device=self.hidden.device)
+        self.inner[part] = x.to(self.inner.device)
+
+
+class _StopAtInput(Exception):
+    """Raised by a forward pre-hook once the hooked linear's input is known."""
+
+    def __init__(self, inputs: torch.Tensor) -> None:
+        super().__init__()
+        self.inputs = inputs
+
+
+def _input_of(linear: nn.Linear, forward: Callable[[], object]) -> torch.Tensor:
+    """What ``linear`` receives when ``forward()`` runs; the forward stops there.
+
+    The statistics passes discard the layer's output, so the hooked matmul and everything after it
+    would be wasted work.
+    """
+    def stop(_module: nn.Module, args: tuple[Any, ...]) -> None:
+        raise _StopAtInput(args[0])
+
+    handle = linear.register_forward_pre_hook(stop)
+    try:
+        forward()
+    except _StopAtInput as stopped:
+        return stopped.inputs
+    finally:
+        handle.remove()
+    raise RuntimeError(f"the forward never reached {linear}")  # pragma: no cover - o_proj / down_proj always run
+
+
+def _attention_pass(layer: nn.Module, adapter: ModelAdapter, acts: _Activations, stats: InputStatistics | None,
+                    keep: bool) -> None:
+    """Run the dense attention half up to o_proj: o_proj's input statistics, and (``keep``) its inputs."""
+    o_proj = adapter.attn_output(layer)
+    for part, h, kw in acts.batches():
+        x = _input_of(o_proj, partial(adapter.attention_block, layer, h, kw))
+        if stats is not None:
+            stats.add(x)
+        if keep:
+            acts.keep_inner(part, x)
+
+
+def _ffn_pass(layer: nn.Module, adapter: ModelAdapter, acts: _Activations, stats: InputStatistics | None,
+              rebuild_attention: bool) -> None:
+    """Run the layer up to down_proj with the pruned o_proj in place: down_proj's input statistics.
+
+    rebuild_attention: the attention half's output is h + o_proj(kept inputs) (pre-norm layers; removing
+    heads leaves the kept heads' outputs unchanged); it is written to ``acts.hidden`` so that propagation
+    runs only the FFN half.
+    """
+    o_proj, down_proj = adapter.attn_output(layer), adapter.mlp_output(layer)
+    for part, h, kw in acts.batches():
+        if rebuild_attention:
+            assert acts.inner is not None
+            mid = h + o_proj(acts.inner[part].to(acts.device))  # [B, S, d]
+            acts.hidden[part] = mid.to(acts.hidden.device)
+        else:
+            mid = adapter.attention_block(layer, h, kw)
+        if stats is not None:
+            stats.add(_input_of(down_proj, partial(adapter.mlp_block, layer, mid)))
+
+
+def _propagate(layer: nn.Module, adapter: ModelAdapter, acts: _Activations, attention: bool) -> None:
+    """Overwrite ``acts.hidden`` with the pruned layer's outputs; ``attention=False``: it already holds the
+    attention half's outputs, only the FFN half runs."""
+    for part, h, kw in acts.batches():
+        mid = adapter.attention_block(layer, h, kw) if attention else h
+        acts.hidden[part] = adapter.mlp_block(layer, mid).to(acts.hidden.device)
+
+
 def _prune_layer(index: int, layer: nn.Module, adapter: ModelAdapter, method: Any, config: PruneConfig,
-                 schedule: SchedulePlan, hidden: torch.Tensor | None, kwargs_by_size: dict[int, dict[str, Any]],
-                 device: torch.device, watch: _Stopwatch, compact: bool) -> LayerReport:
+                 schedule: SchedulePlan, acts: _Activations | None, device: torch.device, watch: _Stopwatch,
+                 compact: bool, rerun_attention: bool = False) -> LayerReport:
+    """Prune one layer on ``device``: attention, then FFN, then propagate the calibration activations.
+
+    Pre-norm layers (``adapter.attention_is_residual``) take three passes over the calibration windows:
+    the dense attention half up to o_proj (keeping o_proj's inputs), o_proj + the FFN half up to
+    down_proj (writing the attention half's outputs), the pruned FFN half. Post-norm layers, and
+    ``rerun_attention`` (the straightforward path, for tests), run the attention half in all three.
+    """
     sizes = adapter.layer_sizes(layer)
     layer_plan = schedule.layers[index]
     params_before = layer_params(layer)
     o_proj, down_proj = adapter.attn_output(layer), adapter.mlp_output(layer)
-    use_data = hidden is not None
     prepare = getattr(method, "prepare_layer", None)
     if prepare is not None:  # per-layer scores from the dense layer's weights (magnitude)
         prepare(index, layer, adapter, config)
+    reuse = acts is not None and not rerun_attention and adapter.attention_is_residual(layer)
 
     # Attention: statistics of o_proj's inputs, then the method's decision.
-    attn_stats = InputStatistics(o_proj.in_features, device, full=method.needs_hessian) if use_data else None
-    if use_data and layer_plan.attn_units_removed:
-        assert hidden is not None and attn_stats is not None
-        with watch.stage("hessians", device), _collect_inputs(o_proj, attn_stats):
-            for _, h, kw in _run_batches(hidden, kwargs_by_size, config.batch_size, device):
-                adapter.attention_block(layer, h, kw)
+    attn_stats = InputStatistics(o_proj.in_features, device, full=method.needs_hessian) if acts else None
+    if acts is not None and (reuse or layer_plan.attn_units_removed):
+        with watch.stage("hessians", device):
+            _attention_pass(layer, adapter, acts, attn_stats if layer_plan.attn_units_removed else None, reuse)
     units, buckets, unit_kind = attention_units(adapter, sizes, config.gqa_policy)
     W_o = o_proj.weight.detach().to(torch.float32, copy=True)
     with watch.stage("solve", device):
@@ -524,12 +634,10 @@ def _prune_layer(index: int, layer: nn.Module, adapter: ModelAdapter, method: An
     keep_heads = torch.tensor([h for h in range(sizes.n_heads) if h not in removed_heads], dtype=torch.long)
 
     # FFN: statistics of down_proj's inputs with the pruned attention in place.
-    ffn_stats = InputStatistics(down_proj.in_features, device, full=method.needs_hessian) if use_data else None
-    if use_data and layer_plan.channels_removed:
-        assert hidden is not None and ffn_stats is not None
-        with watch.stage("hessians", device), _collect_inputs(down_proj, ffn_stats):
-            for _, h, kw in _run_batches(hidden, kwargs_by_size, config.batch_size, device):
-                adapter.mlp_block(layer, adapter.attention_block(layer, h, kw))
+    ffn_stats = InputStatistics(down_proj.in_features, device, full=method.needs_hessian) if acts else None
+    if acts is not None and (reuse or layer_plan.channels_removed):
+        with watch.stage("hessians" if layer_plan.channels_removed else "propagation", device):
+            _ffn_pass(layer, adapter, acts, ffn_stats if layer_plan.channels_removed else None, reuse)
     W_down = down_proj.weight.detach().to(torch.float32, copy=True)
     channel_units = torch.arange(sizes.ffn_dim).view(-1, 1)
     with watch.stage("solve", device):
@@ -551,11 +659,9 @@ def _prune_layer(index: int, layer: nn.Module, adapter: ModelAdapter, method: An
     if compact:
         adapter.shrink_layer(layer, keep_heads, keep_channels)
         row.params_after = layer_params(layer)
-    if use_data:
-        assert hidden is not None
+    if acts is not None:
         with watch.stage("propagation", device):
-            for part, h, kw in _run_batches(hidden, kwargs_by_size, config.batch_size, device):
-                hidden[part] = adapter.mlp_block(layer, adapter.attention_block(layer, h, kw)).to(hidden.device)
+            _propagate(layer, adapter, acts, attention=not reuse)
     return row
 
 
