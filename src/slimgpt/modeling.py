@@ -164,6 +164,15 @@ def slim_config_from(config: PretrainedConfig, sizes: list[LayerSizes], output_b
     return slim
 
 
+def adopt_slim_config(model: Any, slim: PretrainedConfig) -> None:
+    """Give ``model`` (and every submodule sharing its config) the ``slimgpt_<family>`` config and class."""
+    old = model.config
+    for module in model.modules():
+        if getattr(module, "config", None) is old:
+            module.config = slim
+    model.__class__ = FAMILIES[slim.model_type.removeprefix("slimgpt_")][1]
+
+
 def builtin_model_path(name: str) -> Path:
     from importlib import resources
 

@@ -44,7 +44,7 @@ from slimgpt.adapters import LayerSizes, ModelAdapter, get_adapter, head_columns
 from slimgpt.config import PruneConfig
 from slimgpt.errors import ConfigError, DataError
 from slimgpt.methods import Decision, PruneJob, get_method
-from slimgpt.modeling import FAMILIES, add_zero_bias, slim_config_from
+from slimgpt.modeling import add_zero_bias, adopt_slim_config, slim_config_from
 from slimgpt.report import LayerReport, PruneReport, decoder_ratio_convention
 from slimgpt.solver.hessian import InputStatistics
 from slimgpt.solver.obs import reconstruction_error
@@ -705,8 +705,4 @@ def _adopt_slim_config(model: Any, adapter: ModelAdapter, dense_output_biases: l
         for layer in layers:
             add_zero_bias(adapter.attn_output(layer))
             add_zero_bias(adapter.mlp_output(layer))
-    slim = slim_config_from(old, sizes, output_bias=output_bias)
-    for module in model.modules():
-        if getattr(module, "config", None) is old:
-            module.config = slim
-    model.__class__ = FAMILIES[slim.model_type.removeprefix("slimgpt_")][1]
+    adopt_slim_config(model, slim_config_from(old, sizes, output_bias=output_bias))

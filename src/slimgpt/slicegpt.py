@@ -414,15 +414,12 @@ def _slice_layer(layer: Any, adapter: ModelAdapter, widths: tuple[int, int, int]
 
 
 def _adopt_sliced_config(model: Any, adapter: ModelAdapter, dims: list[int]) -> None:
-    from slimgpt.modeling import FAMILIES, slim_config_from
+    from slimgpt.modeling import adopt_slim_config, slim_config_from
 
     old = model.config
     sizes = [adapter.layer_sizes(layer) for layer in adapter.decoder_layers(model)]
-    slim = slim_config_from(old, sizes, output_bias=bool(getattr(old, "layer_output_bias", False)), slice_dims=dims)
-    for module in model.modules():
-        if getattr(module, "config", None) is old:
-            module.config = slim
-    model.__class__ = FAMILIES[slim.model_type.removeprefix("slimgpt_")][1]
+    output_bias = bool(getattr(old, "layer_output_bias", False))
+    adopt_slim_config(model, slim_config_from(old, sizes, output_bias=output_bias, slice_dims=dims))
 
 
 def slicing_convention(report: PruneReport, width: int, full: int) -> str:
