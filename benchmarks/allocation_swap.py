@@ -26,36 +26,31 @@ from typing import Any
 import torch
 
 from slimgpt import PruneConfig, load_model, prune_model
-from slimgpt import prune as driver
-from slimgpt.baselines import BASELINES
 from slimgpt.data import calibration_windows, eval_windows
 from slimgpt.evaluation import perplexity
 from slimgpt.evaluation.report import markdown_table, write_atomic
-from slimgpt.methods import SlimGPTMethod, get_method
+from slimgpt.methods import METHODS
+from slimgpt.methods.slimgpt import SlimGPTMethod
 
 
-def with_allocation(donor: str) -> Any:
-    """A ``get_method`` that returns SlimGPT whose per-layer counts come from ``donor``'s plan."""
+class SlimGPTWithAllocation(SlimGPTMethod):
+    """SlimGPT's solver; the per-layer counts come from ``donor``'s plan."""
 
-    def make(config: PruneConfig) -> Any:
-        method = SlimGPTMethod(config)
-        planner = BASELINES[donor](config)
-        method.plan = planner.plan  # type: ignore[attr-defined]
-        return method
+    def __init__(self, config: PruneConfig, donor: str) -> None:
+        super().__init__(config)
+        self.donor = METHODS[donor](config)
+        self.plan_needs_data = self.donor.plan_needs_data  # type: ignore[misc]
 
-    return make
+    def plan(self, model: Any, adapter: Any, calibration: torch.Tensor | None) -> Any:
+        return self.donor.plan(model, adapter, calibration)  # type: ignore[attr-defined]
 
 
 def run(dense: Any, config: PruneConfig, calibration: torch.Tensor, windows: torch.Tensor,
         allocation: str | None) -> dict[str, Any]:
     model = copy.deepcopy(dense)
-    original = driver.get_method
-    driver.get_method = with_allocation(allocation) if allocation else get_method  # type: ignore[assignment]
-    try:
-        start = time.perf_counter()
-        report = prune_model(model, config, calibration, progress=False)
-    finally:
-        driver.get_method = original  # type: ignore[assignment]
+    method = SlimGPTWithAllocation(config, allocation) if allocation else None
+    start = time.perf_counter()
+    report = prune_model(model, config, calibration, progress=False, method=method)
     return {"realised": report.realised_ratio, "seconds": round(time.perf_counter() - start, 1),
             "ppl128": perplexity(model, windows, batch_size=16, progress=False),
             "heads": [r.heads_kept for r in report.layers], "ffn": [r.ffn_kept for r in report.layers]}

@@ -27,7 +27,7 @@ from slimgpt.data import eval_windows, load_documents
 from slimgpt.evaluation.ppl import window_nll_sum
 from slimgpt.export import export_gguf
 from slimgpt.export.llama_cpp import llama_cpp_logits, llama_cpp_tokenize
-from slimgpt.modeling import load_model, resolve_model_path
+from slimgpt.models.slim import load_model, resolve_model_path
 
 
 def perplexity(logits: torch.Tensor, windows: torch.Tensor) -> float:

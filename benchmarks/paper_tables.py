@@ -65,7 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a
 import tasks as code_tasks
 
 from slimgpt import corpus
-from slimgpt.adapters import get_adapter
+from slimgpt.models.families import get_adapter
 from slimgpt.config import GQA_POLICIES, METHODS, PruneConfig
 from slimgpt.data import calibration_windows, eval_windows
 from slimgpt.errors import SlimGPTError
@@ -82,8 +82,9 @@ from slimgpt.evaluation import (
 )
 from slimgpt.evaluation.ppl import model_context
 from slimgpt.evaluation.report import format_count, format_ppl, markdown_table, write_atomic
-from slimgpt.modeling import load_model, resolve_model_path
-from slimgpt.prune import decoder_params, prune_model
+from slimgpt.models.slim import load_model, resolve_model_path
+from slimgpt.models.geometry import decoder_params
+from slimgpt.prune import prune_model
 from slimgpt.solver.schedule import SCHEDULES
 
 logger = logging.getLogger("paper_tables")

@@ -2,7 +2,7 @@
 
 SliceGPT keeps the leading directions of each block's normalised input and drops the rest, so it loses
 little where the stream is nearly low-rank. This script measures that on the reference models, with
-SliceGPT's own statistic (slimgpt.slicegpt.Covariance: RMS-normalised signals), to explain Table 1.
+SliceGPT's own statistic (slimgpt.solver.pca.Covariance: RMS-normalised signals), to explain Table 1.
 
     python benchmarks/stream_rank.py                          # tiny-mha and tiny-gqa
     python benchmarks/stream_rank.py --models /path/to/model --nsamples 32 --seqlen 2048
@@ -19,8 +19,8 @@ import torch
 
 from slimgpt.data import calibration_windows
 from slimgpt.evaluation.report import markdown_table, write_atomic
-from slimgpt.modeling import load_model
-from slimgpt.slicegpt import Covariance
+from slimgpt.models.slim import load_model
+from slimgpt.solver.pca import Covariance
 
 FRACTIONS = (0.125, 0.25, 0.45, 0.7)
 

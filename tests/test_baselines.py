@@ -12,22 +12,21 @@ from transformers import AutoModelForCausalLM
 import slimgpt
 from conftest import FAMILIES, calibration, make_model, probe
 from slimgpt import PruneConfig, prune_model, save_pruned
-from slimgpt.adapters import get_adapter
-from slimgpt.baselines import (
-    WandaSPMethod,
+from slimgpt.errors import ConfigError
+from slimgpt.methods import PruneJob, get_method
+from slimgpt.methods.llm_pruner import llm_pruner_layers, taylor_importance
+from slimgpt.methods.wanda_sp import WandaSPMethod
+from slimgpt.models.families import get_adapter
+from slimgpt.models.geometry import layer_geometry
+from slimgpt.solver.hessian import InputStatistics
+from slimgpt.solver.scores import (
     attention_group_sums,
     drop_columns,
     flap_bias,
     global_counts,
-    llm_pruner_layers,
     lowest_units,
-    taylor_importance,
     wanda_sp_scores,
 )
-from slimgpt.errors import ConfigError
-from slimgpt.methods import PruneJob, get_method
-from slimgpt.prune import layer_geometry
-from slimgpt.solver.hessian import InputStatistics
 
 METHODS = ["magnitude", "wanda-sp", "flap", "llm-pruner"]
 

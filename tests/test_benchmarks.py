@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from slimgpt import corpus
 from slimgpt.config import METHODS
 from slimgpt.evaluation import load_tasks
-from slimgpt.modeling import builtin_model_path
+from slimgpt.models.slim import builtin_model_path
 
 pytest.importorskip("lm_eval")
 

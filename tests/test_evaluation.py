@@ -271,7 +271,7 @@ def test_plots_without_matplotlib_name_the_extra(tmp_path: Path, monkeypatch: py
 
 def test_layer_widths_of_a_dense_and_a_shrunk_model(model: LlamaForCausalLM) -> None:
     assert layer_widths(model) == (LayerWidths(0, 4, 4, 128, 128), LayerWidths(1, 4, 4, 128, 128))
-    from slimgpt.adapters import get_adapter
+    from slimgpt.models.families import get_adapter
 
     shrunk = tiny_llama()
     adapter = get_adapter(shrunk.config)

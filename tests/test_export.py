@@ -20,12 +20,12 @@ from transformers import AutoModelForCausalLM
 
 import slimgpt
 from conftest import calibration, make_model, probe
-from slimgpt.adapters import LayerSizes
 from slimgpt.cli import main
 from slimgpt.errors import OutputExistsError, SlimGPTError, UnsupportedModelError
 from slimgpt.export import export_gguf, export_padded, export_remote_code
 from slimgpt.export.gguf import rope_interleave
 from slimgpt.export.padded import place_heads
+from slimgpt.models.adapters import LayerSizes
 
 # name -> (family of conftest.make_model, PruneConfig overrides)
 CASES = {

@@ -13,7 +13,6 @@ import torch
 
 import slimgpt
 from conftest import TEXT, calibration, make_model, probe
-from slimgpt.adapters import get_adapter
 from slimgpt.cli import main
 from slimgpt.errors import ConfigError, DataError
 from slimgpt.finetune import (
@@ -29,6 +28,7 @@ from slimgpt.finetune import (
     split_record,
     text_examples,
 )
+from slimgpt.models.families import get_adapter
 
 # Short responses whose characters the test tokenizer knows (conftest.TEXT), so decoding is exact.
 RECORDS = [

@@ -9,9 +9,10 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, OPTC
 import slimgpt
 from conftest import FAMILIES, calibration, make_model, probe
 from slimgpt import PruneConfig, prune_model, save_pruned
-from slimgpt.adapters import get_adapter
 from slimgpt.errors import ConfigError, NumericalError, UnsupportedModelError
-from slimgpt.prune import _input_of, capture_layer_inputs, decoder_params, layer_geometry
+from slimgpt.layerwise.capture import capture_layer_inputs, input_of
+from slimgpt.models.families import get_adapter
+from slimgpt.models.geometry import decoder_params, layer_geometry
 
 
 def _config(**overrides: object) -> PruneConfig:
@@ -192,7 +193,7 @@ def test_attention_is_residual_says_when_o_proj_ends_the_attention_half(family: 
                                                  torch.device("cpu"))
         kw = kwargs_by_size[2]
         o_proj = adapter.attn_output(layer)
-        inner = _input_of(o_proj, lambda: adapter.attention_block(layer, h, kw))
+        inner = input_of(o_proj, lambda: adapter.attention_block(layer, h, kw))
         rebuilt = h + o_proj(inner)
         same = torch.allclose(rebuilt, adapter.attention_block(layer, h, kw), atol=1e-6)
     assert adapter.attention_is_residual(layer) == (family != "opt-post-norm")

@@ -1,4 +1,4 @@
-"""SliceGPT (slimgpt.slicegpt, slimgpt.slicing): invariance, target size, exact save/reload, resume, errors."""
+"""SliceGPT (slimgpt.slicegpt, slimgpt.models.sliced): invariance, target size, exact save/reload, resume, errors."""
 
 from __future__ import annotations
 
@@ -10,17 +10,14 @@ from transformers import AutoModelForCausalLM
 
 from conftest import FAMILIES, calibration, make_model, probe
 from slimgpt import PruneConfig, prune_model, save_pruned
-from slimgpt.adapters import get_adapter
 from slimgpt.errors import ConfigError, UnsupportedModelError
-from slimgpt.slicegpt import (
-    Covariance,
-    plan_width,
-    principal_directions,
-    slice_dims_for,
-    slice_model,
-    sliced_layer_params,
-)
-from slimgpt.slicing import layer_widths
+from slimgpt.layerwise.run import LayerHooks
+from slimgpt.methods.base import ModelRun
+from slimgpt.methods.slicegpt import SliceGPTMethod
+from slimgpt.models.families import get_adapter
+from slimgpt.models.rotate import plan_width, slice_dims_for, sliced_layer_params
+from slimgpt.models.sliced import layer_widths
+from slimgpt.solver.pca import Covariance, principal_directions
 
 
 def _config(**overrides: object) -> PruneConfig:
@@ -41,7 +38,7 @@ def test_full_width_rotation_keeps_the_function(family: str) -> None:
     """Folding the norms, rotating every block and adding shortcuts changes nothing at full width."""
     model = make_model(family)
     dense = copy.deepcopy(model)
-    slice_model(model, _config(), calibration(), width=model.config.hidden_size, progress=False)
+    SliceGPTMethod(_config(), width=model.config.hidden_size).run(model, calibration(), ModelRun(progress=False))
     x = probe()
     assert torch.allclose(model(x).logits, dense(x).logits, atol=1e-4)
     layer = get_adapter(model.config).decoder_layers(model)[0]
@@ -117,7 +114,7 @@ def test_slicing_keeps_the_dominant_subspace() -> None:
     errors = []
     for width in (40, 56, 24):
         sliced = copy.deepcopy(model)
-        slice_model(sliced, _config(), calibration(), width=width, progress=False)
+        SliceGPTMethod(_config(), width=width).run(sliced, calibration(), ModelRun(progress=False))
         kept = sliced.get_input_embeddings().weight.norm(dim=1)  # rotation keeps norms; slicing drops the rest
         assert torch.allclose(kept, norms, rtol=1e-4) == (width >= 40)
         errors.append((sliced(x).logits - ref).abs().mean().item())
@@ -149,11 +146,13 @@ def test_post_norm_opt_is_refused_before_any_work() -> None:
         assert torch.equal(a, b)
 
 
-def test_streaming_is_refused() -> None:
-    from slimgpt.prune import LayerHooks
+class _StreamingHooks(LayerHooks):
+    streams_weights = True
 
+
+def test_streaming_is_refused() -> None:
     with pytest.raises(ConfigError, match="whole model in memory"):
-        prune_model(make_model("llama"), _config(), calibration(), progress=False, layer_hooks=LayerHooks())
+        prune_model(make_model("llama"), _config(), calibration(), progress=False, layer_hooks=_StreamingHooks())
 
 
 def test_export_refuses_a_sliced_model(tmp_path, tokenizer) -> None:  # type: ignore[no-untyped-def]

@@ -16,7 +16,7 @@ from conftest import TEXT, calibration, make_model, probe
 from slimgpt import PruneConfig, prune_model, save_pruned
 from slimgpt.cli import main as cli_main
 from slimgpt.errors import ConfigError, SlimGPTError
-from slimgpt.prune import LayerHooks
+from slimgpt.layerwise.run import LayerHooks
 from slimgpt.streaming import INDEX_NAME, stream_prune
 
 

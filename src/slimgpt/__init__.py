@@ -12,10 +12,10 @@ pruned directory loads with ``AutoModelForCausalLM.from_pretrained``.
 __version__ = "0.1.0"
 
 from slimgpt.config import PruneConfig
-from slimgpt.io import load_report, save_pruned
-from slimgpt.modeling import load_model, load_pruned
+from slimgpt.models.slim import load_model, load_pruned
 from slimgpt.prune import plan, prune_model
 from slimgpt.report import LayerReport, PruneReport
+from slimgpt.saving import load_report, save_pruned
 
 __all__ = [
     "LayerReport",

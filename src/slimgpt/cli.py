@@ -66,9 +66,9 @@ def _config_from(args: argparse.Namespace) -> PruneConfig:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from slimgpt.io import check_checkpoint, check_output, save_pruned
-    from slimgpt.modeling import load_model
+    from slimgpt.models.slim import load_model
     from slimgpt.prune import prune_model
+    from slimgpt.saving import check_checkpoint, check_output, save_pruned
 
     config = _config_from(args)  # validates every option before any work
     output = check_output(args.output, args.overwrite)

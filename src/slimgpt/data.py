@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from slimgpt import corpus
+import slimgpt.corpus as corpus
 from slimgpt.errors import ConfigError, DataError
 
 if TYPE_CHECKING:

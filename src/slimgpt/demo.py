@@ -16,7 +16,7 @@ from slimgpt.config import PruneConfig
 from slimgpt.data import calibration_windows, eval_windows
 from slimgpt.evaluation.ppl import perplexity
 from slimgpt.evaluation.speed import measure_speed
-from slimgpt.modeling import load_model
+from slimgpt.models.slim import load_model
 from slimgpt.prune import prune_model
 from slimgpt.report import PruneReport
 

@@ -44,10 +44,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from slimgpt import data as data_sources
-from slimgpt.adapters import get_adapter
+import slimgpt.data as data_sources
+from slimgpt._util.versions import versions
 from slimgpt.errors import ConfigError, DataError
-from slimgpt.io import write_atomic_dir
+from slimgpt.models.families import get_adapter
+from slimgpt.saving import write_atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -595,13 +596,7 @@ def _private_rng(device: torch.device, seed: int) -> Iterator[None]:
 
 
 def _versions() -> dict[str, str]:
-    import peft
-    import transformers
-
-    from slimgpt import __version__
-
-    return {"slimgpt": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__}
+    return versions("torch", "transformers", "peft")
 
 
 # --- training ----------------------------------------------------------------------------------------

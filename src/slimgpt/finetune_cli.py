@@ -88,8 +88,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from slimgpt.finetune import check_data_source, finetune, load_training_data, save_finetuned
-    from slimgpt.io import check_checkpoint, check_output
-    from slimgpt.modeling import load_model, resolve_model_path
+    from slimgpt.models.slim import load_model, resolve_model_path
+    from slimgpt.saving import check_checkpoint, check_output
 
     config = config_from(args)  # validates every option before any work
     output = check_output(args.output, args.overwrite)

@@ -50,6 +50,9 @@ class PruneReport:
     # How this method's own papers / code quote a ratio, with this run's numbers in that convention
     # (methods are compared at equal realised decoder ratio; their papers count differently).
     ratio_convention: str = ""
+    # The model card's text about the method (from the method itself: slimgpt.methods).
+    method_summary: str = ""
+    method_options: str = ""
 
     @property
     def realised_ratio(self) -> float:

@@ -43,14 +43,18 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from slimgpt.adapters import ModelAdapter, get_adapter
+from slimgpt._util.dtypes import DTYPE_NAMES, SAFETENSORS_DTYPES, parse_dtype
 from slimgpt.config import PruneConfig
 from slimgpt.errors import ConfigError, SlimGPTError
-from slimgpt.io import check_output, model_card, write_atomic_dir
+from slimgpt.layerwise.checkpoint import Checkpoint
+from slimgpt.layerwise.run import LayerHooks
 from slimgpt.methods import get_method
-from slimgpt.modeling import FAMILIES, resolve_model_path, slim_config_from
-from slimgpt.prune import Checkpoint, LayerHooks, prune_model
+from slimgpt.models.adapters import ModelAdapter
+from slimgpt.models.families import family_row, get_adapter
+from slimgpt.models.slim import SLIM_CLASSES, resolve_model_path, slim_config_from
+from slimgpt.prune import prune_model
 from slimgpt.report import PruneReport
+from slimgpt.saving import check_output, model_card, write_atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +62,6 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*"]
 
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-_DTYPE_NAMES: dict[str, torch.dtype | None] = {
-    "auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-}
 
 
 # --- the source checkpoint ------------------------------------------------------------------------------
@@ -131,7 +130,7 @@ class ShardedCheckpoint:
         """The dtype of the first floating tensor (what ``dtype="auto"`` falls back to)."""
         for name, file_name in self.weight_map.items():
             with safe_open(str(self.directory / file_name), framework="pt") as handle:
-                dtype = _SAFETENSORS_DTYPES.get(handle.get_slice(name).get_dtype())
+                dtype = SAFETENSORS_DTYPES.get(handle.get_slice(name).get_dtype())
             if dtype is not None:
                 return dtype
         return None
@@ -139,15 +138,12 @@ class ShardedCheckpoint:
 
 def _dtype(value: torch.dtype | str | None, config: Any, source: ShardedCheckpoint) -> torch.dtype:
     """The dtype to prune in: the one asked for, else the config's, else the stored one (like "auto")."""
-    if isinstance(value, str):
-        if value not in _DTYPE_NAMES:
-            raise ConfigError(f"--dtype {value!r} is not one of: {', '.join(_DTYPE_NAMES)}")
-        value = _DTYPE_NAMES[value]
+    value = parse_dtype(value)
     if value is not None:
         return value
     configured = getattr(config, "dtype", None)
     if isinstance(configured, str):
-        configured = _DTYPE_NAMES.get(configured)
+        configured = DTYPE_NAMES.get(configured)
     if isinstance(configured, torch.dtype):
         return configured
     return source.stored_dtype() or torch.float32
@@ -287,6 +283,8 @@ class StreamStats:
 class StreamingHooks(LayerHooks):
     """Materialise layer i before the driver prunes it; write it to its shard and free it afterwards."""
 
+    streams_weights = True
+
     def __init__(self, lazy: LazyModel, writer: ShardWriter, stats: StreamStats,
                  extra: LayerHooks | None = None) -> None:
         self.lazy = lazy
@@ -423,10 +421,9 @@ def stream_prune(
 def _check_streamable(config: PruneConfig) -> None:
     """Fail before any download or read if the method must see every layer's weights before pruning one
     (the driver refuses the same, later, when it gets layer hooks)."""
-    method = get_method(config)
-    if getattr(method, "plan", None) is not None and getattr(method, "plan_reads_weights", False):
-        raise ConfigError(f"--method {config.method} ranks every layer before pruning any, which needs the whole "
-                          "model in memory: prune without --stream")
+    refusal = get_method(config).cannot_stream()
+    if refusal:
+        raise ConfigError(f"{refusal}: prune without --stream")
 
 
 def _copy_checkpointed_layers(lazy: LazyModel, checkpoint: Checkpoint, writer: ShardWriter,
@@ -466,13 +463,12 @@ def _write_metadata(out: Path, lazy: LazyModel, model_config: Any, source_dir: P
     """Config (slim, per-layer widths), generation config, tokenizer, report and model card."""
     if len(report.layers) != len(lazy.layers):
         raise RuntimeError(f"only {len(report.layers)} of {len(lazy.layers)} layers were pruned")
-    from slimgpt.adapters import LayerSizes
+    from slimgpt.models.adapters import LayerSizes
 
     sizes = [LayerSizes(r.heads_kept, r.kv_heads_kept, r.ffn_kept) for r in report.layers]
     output_bias = bool(getattr(lazy.model.config, "layer_output_bias", False))  # set by the driver
     slim = slim_config_from(model_config, sizes, output_bias=output_bias)
-    family = slim.model_type.removeprefix("slimgpt_")
-    slim.architectures = [FAMILIES[family][1].__name__]
+    slim.architectures = [SLIM_CLASSES[family_row(slim.model_type).model_type][1].__name__]
     slim.dtype = lazy.dtype
     slim.save_pretrained(out)
     _generation_config(source_dir, model_config).save_pretrained(out)

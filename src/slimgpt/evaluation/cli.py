@@ -184,7 +184,7 @@ def run_eval(args: argparse.Namespace) -> int:
     device = _resolve_device(args.device)
     suite = load_tasks(tasks, args.tasks_dir) if tasks else None
 
-    from slimgpt.modeling import load_model
+    from slimgpt.models.slim import load_model
 
     logger.info("loading %s (%s, %s)", args.model, args.dtype or "checkpoint dtype", device)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, trust_remote_code=False)

@@ -33,8 +33,8 @@ def layer_widths(model: Any) -> tuple[LayerWidths, ...] | None:
     ``slimgpt_<family>`` config keeps the dense widths in its stock fields and the pruned ones in
     per-layer lists, so the stock fields are the totals.
     """
-    from slimgpt.adapters import get_adapter
     from slimgpt.errors import UnsupportedModelError
+    from slimgpt.models.families import get_adapter
 
     config = model.config
     try:

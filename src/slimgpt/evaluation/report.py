@@ -7,15 +7,14 @@ complaint 5).
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slimgpt._util.files import write_atomic
+from slimgpt._util.versions import package_version
 from slimgpt.errors import DataError
 from slimgpt.evaluation.harness import ZeroShotResult
 from slimgpt.evaluation.ppl import PerplexityResult
@@ -140,27 +139,7 @@ class EvalReport:
 
 def library_versions() -> dict[str, str]:
     """Installed versions of the packages that change the numbers; "not installed" when absent."""
-    versions = {}
-    for package in VERSIONED_PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package.replace("_", "-"))
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
-
-
-def write_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` so that a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return {package: package_version(package) for package in VERSIONED_PACKAGES}
 
 
 # ---------------------------------------------------------------------------------------- Markdown

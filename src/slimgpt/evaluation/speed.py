@@ -14,9 +14,7 @@ tokenizer or dataset is needed.
 from __future__ import annotations
 
 import logging
-import resource
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from slimgpt._util.timing import cpu_peak_rss_bytes
 from slimgpt.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -98,12 +97,6 @@ class _StepClock:
         _synchronize(self.device)
         self.stamps.append(time.perf_counter())
         return scores
-
-
-def _cpu_peak_rss_bytes() -> int:
-    # ru_maxrss is in KiB on Linux and in bytes on macOS.
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 @torch.no_grad()
@@ -182,7 +175,7 @@ def measure_speed(
     if target.type == "cuda":
         peak, note = int(torch.cuda.max_memory_allocated(target)), CUDA_PEAK_NOTE
     else:
-        peak, note = _cpu_peak_rss_bytes(), CPU_PEAK_NOTE
+        peak, note = cpu_peak_rss_bytes(), CPU_PEAK_NOTE
     generated = {count for _, _, count in generations}
     if generated != {gen_tokens}:
         logger.warning("generate() produced %s new tokens instead of %d", sorted(generated), gen_tokens)

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from slimgpt.adapters import LayerSizes, base_model_type
 from slimgpt.errors import SlimGPTError, UnsupportedModelError
+from slimgpt.models.adapters import LayerSizes
+from slimgpt.models.families import base_model_type
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 FAMILIES = (*LLAMA_LIKE, "opt")

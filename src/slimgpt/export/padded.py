@@ -34,11 +34,11 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 
-from slimgpt.adapters import LayerSizes
 from slimgpt.errors import SlimGPTError
 from slimgpt.export.checkpoint import Checkpoint, read_checkpoint, support_files
 from slimgpt.export.output import copy_files
-from slimgpt.io import write_atomic_dir
+from slimgpt.models.adapters import LayerSizes
+from slimgpt.saving import write_atomic_dir
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from typing import Any
 from slimgpt.errors import SlimGPTError
 from slimgpt.export.checkpoint import family_of, read_config
 from slimgpt.export.output import replace_text
-from slimgpt.io import write_atomic_dir
+from slimgpt.saving import write_atomic_dir
 
 logger = logging.getLogger(__name__)
 

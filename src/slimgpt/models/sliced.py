@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimgpt.adapters import ModelAdapter, get_adapter
+from slimgpt.models.adapters import ModelAdapter
+from slimgpt.models.families import get_adapter
 
 
 class SlicedRMSNorm(nn.Module):
@@ -107,18 +108,18 @@ def _empty_linear(in_features: int, out_features: int, bias: bool, like: torch.T
 def resize_sliced_layer(layer: Any, adapter: ModelAdapter, widths: tuple[int, int, int], full_dim: int) -> None:
     """Give a freshly built layer the sliced structure with ``widths`` (weights are loaded afterwards)."""
     d_in, d_mid, d_out = widths
-    paths = adapter._linear_paths()
+    paths = adapter.linear_paths()
     like = adapter.attn_output(layer).weight
     for role in ("q", "k", "v"):
         old: Any = layer.get_submodule(paths[role])
-        adapter._set_linear(layer, paths[role], _empty_linear(d_in, old.out_features, old.bias is not None, like))
+        adapter.set_linear(layer, paths[role], _empty_linear(d_in, old.out_features, old.bias is not None, like))
     old = layer.get_submodule(paths["o"])
-    adapter._set_linear(layer, paths["o"], _empty_linear(old.in_features, d_mid, old.bias is not None, like))
+    adapter.set_linear(layer, paths["o"], _empty_linear(old.in_features, d_mid, old.bias is not None, like))
     for path in paths["mlp_in"].split(","):
         old = layer.get_submodule(path)
-        adapter._set_linear(layer, path, _empty_linear(d_mid, old.out_features, old.bias is not None, like))
+        adapter.set_linear(layer, path, _empty_linear(d_mid, old.out_features, old.bias is not None, like))
     old = layer.get_submodule(paths["mlp_out"])
-    adapter._set_linear(layer, paths["mlp_out"], _empty_linear(old.in_features, d_out, old.bias is not None, like))
+    adapter.set_linear(layer, paths["mlp_out"], _empty_linear(old.in_features, d_out, old.bias is not None, like))
     for path, width in zip(adapter.norm_paths(), (d_in, d_mid), strict=True):
         eps = norm_eps(layer.get_submodule(path))
         setattr(layer, path, SlicedRMSNorm(width, full_dim, eps, device=like.device, dtype=like.dtype))

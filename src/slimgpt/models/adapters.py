@@ -1,9 +1,9 @@
-"""Model families behind one interface, asked by role; the only module that knows HF attribute names.
+"""Model families behind one interface, asked by role: the HF module names of a decoder layer.
 
 An adapter answers: where are the decoder layers, which linear maps feed and leave attention and the
-FFN, how to run a layer's attention half and FFN half, and how to shrink a layer physically. Adding a
-family is one small class plus its ``model_type`` entries in ``ADAPTERS``, and an entry in the contract
-tests (tests/test_adapters.py).
+FFN, how to run a layer's attention half and FFN half, and how to shrink a layer physically. A family
+that is not LLaMA-like needs one small class here; every family is one row in
+``slimgpt.models.families``, and the contract tests (tests/models/test_adapters.py) run every row.
 """
 
 from __future__ import annotations
@@ -137,11 +137,12 @@ class ModelAdapter:
         """Raise UnsupportedModelError if the model's layout has no rotation-invariant form."""
 
     # --- surgery -------------------------------------------------------------------------------------
-    def _set_linear(self, layer: Any, path: str, linear: nn.Linear) -> None:
+    def set_linear(self, layer: Any, path: str, linear: nn.Linear) -> None:
+        """Replace the linear at ``path`` (relative to ``layer``) by ``linear``."""
         parent_path, _, name = path.rpartition(".")
         setattr(layer.get_submodule(parent_path) if parent_path else layer, name, linear)
 
-    def _linear_paths(self) -> dict[str, str]:
+    def linear_paths(self) -> dict[str, str]:
         """Attribute paths (relative to a decoder layer) of q, k, v, o, the FFN inputs and output."""
         raise NotImplementedError  # pragma: no cover - abstract
 
@@ -168,15 +169,15 @@ class ModelAdapter:
         keep_kv, per_group = kv_of_head.unique(return_counts=True)
         if len(keep_heads) and not bool((per_group == per_group[0]).all()):
             raise ValueError(f"GQA groups would keep unequal numbers of query heads: {per_group.tolist()}")
-        paths = self._linear_paths()
+        paths = self.linear_paths()
         q_cols = head_columns(keep_heads, self.head_dim)
         kv_cols = head_columns(keep_kv, self.head_dim)
         for role, rows in (("q", q_cols), ("k", kv_cols), ("v", kv_cols)):
-            self._set_linear(layer, paths[role], slice_linear(_linear(layer, paths[role]), out_index=rows))
-        self._set_linear(layer, paths["o"], slice_linear(_linear(layer, paths["o"]), in_index=q_cols))
+            self.set_linear(layer, paths[role], slice_linear(_linear(layer, paths[role]), out_index=rows))
+        self.set_linear(layer, paths["o"], slice_linear(_linear(layer, paths["o"]), in_index=q_cols))
         for path in paths["mlp_in"].split(","):
-            self._set_linear(layer, path, slice_linear(_linear(layer, path), out_index=keep_channels))
-        self._set_linear(layer, paths["mlp_out"],
+            self.set_linear(layer, path, slice_linear(_linear(layer, path), out_index=keep_channels))
+        self.set_linear(layer, paths["mlp_out"],
                          slice_linear(_linear(layer, paths["mlp_out"]), in_index=keep_channels))
         self.set_head_counts(layer, len(keep_heads), max(len(keep_kv), 1))
 
@@ -208,7 +209,7 @@ class LlamaLikeAdapter(ModelAdapter):
     def mlp_output(self, layer: Any) -> nn.Linear:
         return layer.mlp.down_proj
 
-    def _linear_paths(self) -> dict[str, str]:
+    def linear_paths(self) -> dict[str, str]:
         return {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
                 "o": "self_attn.o_proj", "mlp_in": "mlp.gate_proj,mlp.up_proj", "mlp_out": "mlp.down_proj"}
 
@@ -247,7 +248,7 @@ class OPTAdapter(ModelAdapter):
     def mlp_output(self, layer: Any) -> nn.Linear:
         return layer.fc2
 
-    def _linear_paths(self) -> dict[str, str]:
+    def linear_paths(self) -> dict[str, str]:
         return {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
                 "o": "self_attn.out_proj", "mlp_in": "fc1", "mlp_out": "fc2"}
 
@@ -288,26 +289,3 @@ class OPTAdapter(ModelAdapter):
         if config.layer_norm_elementwise_affine and not config.enable_bias:
             raise UnsupportedModelError("--method slicegpt folds OPT's LayerNorm shifts into the next layers' "
                                         "biases, and this model has none (enable_bias=False)")
-
-
-ADAPTERS: dict[str, type[ModelAdapter]] = {
-    "llama": LlamaLikeAdapter,
-    "mistral": LlamaLikeAdapter,
-    "qwen2": LlamaLikeAdapter,
-    "opt": OPTAdapter,
-}
-
-
-def base_model_type(model_type: str) -> str:
-    return model_type.removeprefix("slimgpt_")
-
-
-def get_adapter(config: Any) -> ModelAdapter:
-    """The adapter for ``config.model_type`` (a pruned ``slimgpt_<type>`` maps to its base family)."""
-    model_type = base_model_type(getattr(config, "model_type", "") or "")
-    if model_type not in ADAPTERS:
-        raise UnsupportedModelError(
-            f"model type {model_type!r} is not supported: slimgpt prunes {', '.join(sorted(ADAPTERS))}; "
-            "adding a family is one adapter in slimgpt/adapters.py"
-        )
-    return ADAPTERS[model_type](config)

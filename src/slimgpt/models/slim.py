@@ -15,23 +15,13 @@ from typing import Any
 
 import torch
 from huggingface_hub.dataclasses import strict
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    OPTConfig,
-    OPTForCausalLM,
-    PretrainedConfig,
-    PreTrainedModel,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from slimgpt.adapters import LayerSizes, get_adapter
+from slimgpt._util.dtypes import parse_dtype
+from slimgpt.errors import SlimGPTError
+from slimgpt.models.adapters import LayerSizes
+from slimgpt.models.families import FAMILIES, Family, family_row, get_adapter
+from slimgpt.models.sliced import apply_slice_dims
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +34,7 @@ class SlimConfigMixin:
     layer_output_bias: every decoder layer's attention output (o_proj) and FFN output (down_proj) has
     a bias, even where the family has none (LLaMA): FLAP's compensation stores the mean contribution
     of the removed channels there.
-    slice_dims: the residual-stream widths of a SliceGPT-sliced model (slimgpt.slicing), or None.
+    slice_dims: the residual-stream widths of a SliceGPT-sliced model (slimgpt.models.sliced), or None.
     """
 
     layer_num_attention_heads: list[int] | None
@@ -77,8 +67,6 @@ class _SlimModelMixin:
                 for linear in (adapter.attn_output(layer), adapter.mlp_output(layer)):
                     add_zero_bias(linear)
         if getattr(model.config, "slice_dims", None):
-            from slimgpt.slicing import apply_slice_dims  # late: slicing builds on the adapters only
-
             apply_slice_dims(model, list(model.config.slice_dims))
 
 
@@ -91,9 +79,10 @@ def add_zero_bias(linear: torch.nn.Linear) -> None:
         )
 
 
-def _make_family(base_config: type[PretrainedConfig], base_model: type[PreTrainedModel], family: str,
-                 head_dim_field: bool) -> tuple[Any, Any]:
-    model_type = f"slimgpt_{family}"
+def _make_family(family: Family) -> tuple[Any, Any]:
+    """The ``slimgpt_<family>`` config and model classes: the stock ones with per-layer sizes."""
+    base_config, base_model = family.config_class, family.model_class
+    model_type = family.slim_model_type
     namespace: dict[str, Any] = {
         "model_type": model_type,
         "__annotations__": {
@@ -110,7 +99,8 @@ def _make_family(base_config: type[PretrainedConfig], base_model: type[PreTraine
         "slice_dims": None,
         "__module__": __name__,
     }
-    config_cls: Any = strict(type(f"Slim{base_config.__name__}", (SlimConfigMixin, base_config), namespace))
+    config_name, model_name = family.slim_class_names
+    config_cls: Any = strict(type(config_name, (SlimConfigMixin, base_config), namespace))
 
     def __init__(self: Any, config: Any) -> None:
         base_model.__init__(self, config)
@@ -118,20 +108,15 @@ def _make_family(base_config: type[PretrainedConfig], base_model: type[PreTraine
         self.post_init()
 
     model_cls = type(
-        f"Slim{base_model.__name__}", (_SlimModelMixin, base_model),
+        model_name, (_SlimModelMixin, base_model),
         {"config_class": config_cls, "__init__": __init__, "__module__": __name__},
     )
     return config_cls, model_cls
 
 
-FAMILIES: dict[str, tuple[Any, Any]] = {
-    "llama": _make_family(LlamaConfig, LlamaForCausalLM, "llama", True),
-    "mistral": _make_family(MistralConfig, MistralForCausalLM, "mistral", True),
-    "qwen2": _make_family(Qwen2Config, Qwen2ForCausalLM, "qwen2", True),
-    "opt": _make_family(OPTConfig, OPTForCausalLM, "opt", False),
-}
+SLIM_CLASSES: dict[str, tuple[Any, Any]] = {name: _make_family(row) for name, row in FAMILIES.items()}
 
-for _config_cls, _model_cls in FAMILIES.values():
+for _config_cls, _model_cls in SLIM_CLASSES.values():
     AutoConfig.register(_config_cls.model_type, _config_cls, exist_ok=True)
     AutoModelForCausalLM.register(_config_cls, _model_cls, exist_ok=True)
 
@@ -141,10 +126,10 @@ def slim_config_from(config: PretrainedConfig, sizes: list[LayerSizes], output_b
     """The ``slimgpt_<family>`` config describing ``config``'s model with per-layer ``sizes``.
 
     output_bias: the layers' o_proj / down_proj carry a bias (``layer_output_bias``).
-    slice_dims: the model was sliced by SliceGPT (slimgpt.slicing); its embeddings are no longer tied.
+    slice_dims: the model was sliced by SliceGPT (slimgpt.models.sliced); its embeddings are no longer tied.
     """
-    family = config.model_type.removeprefix("slimgpt_")
-    config_cls, _ = FAMILIES[family]
+    family = family_row(config.model_type)
+    config_cls, _ = SLIM_CLASSES[family.model_type]
     values = config.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "auto_map"):
         values.pop(key, None)
@@ -157,7 +142,7 @@ def slim_config_from(config: PretrainedConfig, sizes: list[LayerSizes], output_b
     )
     if slice_dims:
         values["tie_word_embeddings"] = False
-    if family != "opt":
+    if family.head_dim_key:
         values["head_dim"] = get_adapter(config).head_dim
     slim = config_cls(**values)
     slim._attn_implementation = getattr(config, "_attn_implementation", None)
@@ -170,7 +155,7 @@ def adopt_slim_config(model: Any, slim: PretrainedConfig) -> None:
     for module in model.modules():
         if getattr(module, "config", None) is old:
             module.config = slim
-    model.__class__ = FAMILIES[slim.model_type.removeprefix("slimgpt_")][1]
+    model.__class__ = SLIM_CLASSES[family_row(slim.model_type).model_type][1]
 
 
 def builtin_model_path(name: str) -> Path:
@@ -184,8 +169,6 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path in BUILTIN_MODELS:
         path = builtin_model_path(name_or_path)
         if not (path / "config.json").exists():
-            from slimgpt.errors import SlimGPTError
-
             raise SlimGPTError(f"built-in model {name_or_path!r} is missing from {path}: reinstall slimgpt")
         return str(path)
     return name_or_path
@@ -197,12 +180,8 @@ def load_model(name_or_path: str, *, dtype: torch.dtype | str | None = None, dev
 
     ``dtype`` None keeps the checkpoint's dtype ("auto"). Safetensors only; no remote code unless asked.
     """
-    from slimgpt.errors import SlimGPTError
-
     path = resolve_model_path(name_or_path)
-    if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "auto": None}[dtype]
+    dtype = parse_dtype(dtype)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as error:

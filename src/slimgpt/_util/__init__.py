@@ -1,0 +1,1 @@
+"""Layer 0: infrastructure every other module may use (stdlib, torch and safetensors only)."""

@@ -1,0 +1,50 @@
+"""SlimGPT (Ling et al., NeurIPS 2024): grouped-Cholesky Batched Greedy Pruning for the attention heads,
+Dynamic Group Size for the FFN channels, OBS compensation of the surviving columns, and the
+log-increasing per-layer ratio (the default ``LayerMethod.plan``). docs/method.md has the maths."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from slimgpt.methods.base import Decision, LayerMethod, PruneJob, register
+from slimgpt.solver.hessian import prepare_hessian
+from slimgpt.solver.obs import make_solver
+from slimgpt.solver.structured import greedy_remove_units, group_sizes, remove_channels
+
+
+@register
+class SlimGPTMethod(LayerMethod):
+    """SlimGPT: grouped-Cholesky Batched Greedy Pruning for heads, Dynamic Group Size for the FFN."""
+
+    name = "slimgpt"
+    summary = ("Structured pruning: whole attention heads and FFN channels removed, surviving weights "
+               "OBS-compensated\n(SlimGPT, Ling et al., NeurIPS 2024).")
+    help = "SlimGPT: OBS-compensated head and FFN-channel removal (the default)"
+    needs_hessian = True
+
+    def _solver(self, job: PruneJob) -> Any:
+        assert job.stats is not None
+        weight = job.weight.clone()
+        H = prepare_hessian(job.stats.hessian, weight, self.config.percdamp)
+        return make_solver(self.config.solver, weight, H, self.config.compensate)
+
+    def prune_attention(self, job: PruneJob) -> Decision:
+        if job.rounds == 0:
+            return Decision([], job.weight)
+        solver = self._solver(job)
+        removed = greedy_remove_units(solver, job.units, job.rounds, job.buckets, self.config.head_score)
+        return Decision(removed, solver.weight)
+
+    def prune_ffn(self, job: PruneJob) -> Decision:
+        if job.rounds == 0:
+            return Decision([], job.weight)
+        solver = self._solver(job)
+        c = self.config
+        sizes = group_sizes(job.rounds, c.group_schedule, c.group_start, c.group_floor, c.group_fraction)
+        removed = remove_channels(solver, sizes)
+        return Decision(removed, solver.weight, info={"groups": float(len(sizes))})
+
+    def card_options(self, config: dict[str, Any]) -> str:
+        return (f"head score {config.get('head_score')}, compensation {config.get('compensate')},\n"
+                f"  FFN groups {config.get('group_schedule')}, GQA policy {config.get('gqa_policy')},\n"
+                f"  damping {config.get('percdamp')}, round-to {config.get('round_to')}")

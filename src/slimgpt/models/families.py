@@ -1,0 +1,101 @@
+"""One row per supported ``model_type``: everything family-specific outside the adapters' surgery.
+
+Adding a family is one ``Family`` row here (plus an adapter class where the family is not LLaMA-like);
+the slim model classes, the exporters and the contract tests read these rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from slimgpt.errors import UnsupportedModelError
+from slimgpt.models.adapters import LlamaLikeAdapter, ModelAdapter, OPTAdapter
+
+# Names of one decoder layer's tensors, relative to its prefix, by role.
+LLAMA_NAMES = {
+    "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+OPT_NAMES = {
+    "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.out_proj",
+    "up": "fc1", "down": "fc2", "attn_norm": "self_attn_layer_norm", "ffn_norm": "final_layer_norm",
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """What slimgpt needs to know about one Hugging Face model family.
+
+    tensor_names: a decoder layer's tensors by role, relative to ``layer_prefix.format(index)``.
+    ffn_size_key: the config key of the FFN width. head_dim_key: the config has a ``head_dim`` field.
+    llama_like: pre-norm RMSNorm, rotary, gated SiLU FFN (llama.cpp's deci architecture can hold it).
+    ffn_input_roles: the tensor roles that read the FFN's input (gate and up, or fc1).
+    """
+
+    model_type: str
+    adapter: type[ModelAdapter]
+    config_class: Any
+    model_class: Any
+    stock_architecture: str
+    tensor_names: dict[str, str]
+    layer_prefix: str
+    ffn_size_key: str
+    head_dim_key: bool
+    llama_like: bool
+    ffn_input_roles: tuple[str, ...]
+
+    @property
+    def slim_model_type(self) -> str:
+        return f"slimgpt_{self.model_type}"
+
+    @property
+    def slim_class_names(self) -> tuple[str, str]:
+        """The names of the per-layer-width config and model classes (slimgpt.models.slim, remote code)."""
+        return f"Slim{self.config_class.__name__}", f"Slim{self.model_class.__name__}"
+
+
+def _llama_like(model_type: str, config_class: Any, model_class: Any) -> Family:
+    return Family(model_type, LlamaLikeAdapter, config_class, model_class, model_class.__name__, LLAMA_NAMES,
+                  "model.layers.{}.", "intermediate_size", True, True, ("gate", "up"))
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": _llama_like("llama", LlamaConfig, LlamaForCausalLM),
+    "mistral": _llama_like("mistral", MistralConfig, MistralForCausalLM),
+    "qwen2": _llama_like("qwen2", Qwen2Config, Qwen2ForCausalLM),
+    "opt": Family("opt", OPTAdapter, OPTConfig, OPTForCausalLM, "OPTForCausalLM", OPT_NAMES,
+                  "model.decoder.layers.{}.", "ffn_dim", False, False, ("up",)),
+}
+
+
+def base_model_type(model_type: str) -> str:
+    return model_type.removeprefix("slimgpt_")
+
+
+def family_row(model_type: str) -> Family:
+    """The row of ``model_type`` (a pruned ``slimgpt_<type>`` maps to its base family)."""
+    family = base_model_type(model_type or "")
+    if family not in FAMILIES:
+        raise UnsupportedModelError(
+            f"model type {family!r} is not supported: slimgpt prunes {', '.join(sorted(FAMILIES))}; "
+            "adding a family is one Family row in slimgpt/models/families.py"
+        )
+    return FAMILIES[family]
+
+
+def get_adapter(config: Any) -> ModelAdapter:
+    """The adapter for ``config.model_type`` (a pruned ``slimgpt_<type>`` maps to its base family)."""
+    return family_row(getattr(config, "model_type", "") or "").adapter(config)
