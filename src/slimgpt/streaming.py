@@ -46,7 +46,7 @@ from slimgpt.layerwise.run import LayerHooks
 from slimgpt.methods import get_method
 from slimgpt.models.adapters import LayerSizes
 from slimgpt.models.families import family_row, get_adapter
-from slimgpt.models.lazy import INDEX_NAME, LazyModel, ShardedCheckpoint, ShardWriter, resolve_checkpoint, stream_dtype
+from slimgpt.models.lazy import INDEX_NAME, LazyModel, ShardedWeights, ShardWriter, resolve_checkpoint, stream_dtype
 from slimgpt.models.slim import SLIM_CLASSES, slim_config_from
 from slimgpt.prune import prune_model
 from slimgpt.report import PruneReport
@@ -205,7 +205,7 @@ def _open_source(model: str | Path, dtype: torch.dtype | str | None, attn_implem
     from transformers import AutoConfig
 
     directory = resolve_checkpoint(model)
-    source = ShardedCheckpoint(directory)
+    source = ShardedWeights(directory)
     try:
         model_config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:

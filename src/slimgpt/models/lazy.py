@@ -52,7 +52,7 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
         ) from None
 
 
-class ShardedCheckpoint:
+class ShardedWeights:
     """Lazy, read-only access to the tensors of a safetensors checkpoint (one file or an indexed set).
 
     Nothing is read at construction beyond the index (or the single file's header); ``read`` opens each
@@ -101,7 +101,7 @@ class ShardedCheckpoint:
         return None
 
 
-def stream_dtype(value: torch.dtype | str | None, config: Any, source: ShardedCheckpoint) -> torch.dtype:
+def stream_dtype(value: torch.dtype | str | None, config: Any, source: ShardedWeights) -> torch.dtype:
     """The dtype to prune in: the one asked for, else the config's, else the stored one (like "auto")."""
     value = parse_dtype(value)
     if value is not None:
@@ -119,7 +119,7 @@ def stream_dtype(value: torch.dtype | str | None, config: Any, source: ShardedCh
 class LazyModel:
     """A model on the ``meta`` device whose modules can be filled from, and emptied back to, the checkpoint."""
 
-    def __init__(self, source: ShardedCheckpoint, config: Any, dtype: torch.dtype,
+    def __init__(self, source: ShardedWeights, config: Any, dtype: torch.dtype,
                  attn_implementation: str | None = None, trust_remote_code: bool = False) -> None:
         from transformers import AutoModelForCausalLM
 
