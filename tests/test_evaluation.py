@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from slimgpt.cli import add_subcommands as register
 from slimgpt.errors import ConfigError, DataError, SlimGPTError
 from slimgpt.evaluation import (
     EvalReport,
@@ -36,7 +37,6 @@ from slimgpt.evaluation import (
     weight_bytes,
     window_protocol,
 )
-from slimgpt.evaluation.cli import register
 from slimgpt.evaluation.harness import summarise
 from slimgpt.evaluation.ppl import window_nll_sum
 

@@ -17,9 +17,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from slimgpt.cli import add_subcommands as register
 from slimgpt.errors import DataError
 from slimgpt.evaluation import EvalReport, compare, evaluate_model, load_tasks, zero_shot
-from slimgpt.evaluation.cli import register
 
 pytest.importorskip("lm_eval")
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
-from pathlib import Path
+from typing import Any
 
 import torch
 
+from slimgpt.cli import common
 from slimgpt.errors import SlimGPTError
 from slimgpt.finetune import LORA_ROLES, LR_SCHEDULES, FinetuneConfig
 
@@ -21,34 +21,31 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _csv(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``finetune`` subcommand; it sets ``func`` (what ``slimgpt.cli.main`` calls)."""
-    d = FinetuneConfig()
-    p = subparsers.add_parser(
+def register(subparsers: common.Subparsers) -> None:
+    parser = subparsers.add_parser(
         "finetune",
         help="LoRA recovery fine-tuning of a pruned model; merges the adapters and saves the model",
         description="Fine-tune a (pruned) model with LoRA, merge the adapters and save it in the same format. "
         "Defaults are the SlimGPT paper's recovery recipe: rank 8, alpha 16, dropout 0.05 on q,k,v,o,gate,up,"
         "down; lr 1e-4 cosine with 10 warm-up steps; batch 64; max length 256; one epoch; response-only loss.",
     )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = FinetuneConfig()
     p.add_argument("model", metavar="DIR", help="pruned model folder (from slimgpt prune), or any model slimgpt loads")
     p.add_argument("--data", default=d.data,
                    help="alpaca, gpt4-alpaca (instruction data), builtin (raw text: the stdlib corpus), or a local "
                         ".jsonl (instruction/input/output or text records), .txt file or directory (default "
                         "%(default)s)")
-    p.add_argument("--output", "-o", required=True)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    p.add_argument("--checkpoint-dir", default=None, help="default: OUTPUT.checkpoint")
+    common.add_saving(p, resume_help="continue from the last checkpoint")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
     p.add_argument("--lora-rank", type=int, default=d.lora_rank)
     p.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
     p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
-    p.add_argument("--lora-targets", type=_csv, default=d.lora_targets, metavar="T,T",
+    p.add_argument("--lora-targets", type=common.csv, default=d.lora_targets, metavar="T,T",
                    help=f"roles ({','.join(LORA_ROLES)}) or module-name suffixes (default all roles)")
     p.add_argument("--lr", type=float, default=d.learning_rate, help="peak learning rate (default %(default)s)")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule)
@@ -63,14 +60,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0 disables clipping")
     p.add_argument("--full-loss", action="store_true", help="instruction data: train on the prompt tokens too")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N")
+    common.add_device(p, default=d.device, help="cpu, cuda or cuda:N")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward and backward passes")
-    p.add_argument("--dtype", default="float32", choices=[*DTYPES, "auto"],
-                   help="dtype of the frozen weights while training (default float32; auto: as saved); the "
-                        "output is saved in the input's dtype")
-    p.add_argument("--json", default=None, help="also write the report JSON (with the per-step log) here")
-    p.add_argument("--trust-remote-code", action="store_true")
-    p.set_defaults(func=cmd_finetune)
+    common.add_dtype(p, [*DTYPES, "auto"], default="float32",
+                     help="dtype of the frozen weights while training (default float32; auto: as saved); the "
+                          "output is saved in the input's dtype")
+    common.add_json(p, help="also write the report JSON (with the per-step log) here")
+    common.add_trust_remote_code(p)
 
 
 def config_from(args: argparse.Namespace) -> FinetuneConfig:
@@ -84,9 +80,18 @@ def config_from(args: argparse.Namespace) -> FinetuneConfig:
     )
 
 
-def cmd_finetune(args: argparse.Namespace) -> int:
+def load_tokenizer(source: str, model: str, trust_remote_code: bool) -> Any:
+    """The tokenizer alone (read before the weights), or a one-line error."""
     from transformers import AutoTokenizer
 
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise SlimGPTError(f"cannot load the tokenizer of {model!r} ({str(error).splitlines()[0]}): pass a "
+                           "model folder with its tokenizer files") from None
+
+
+def run(args: argparse.Namespace) -> int:
     from slimgpt.finetune import check_data_source, finetune, load_training_data, save_finetuned
     from slimgpt.models.slim import load_model, resolve_model_path
     from slimgpt.saving import check_checkpoint, check_output
@@ -99,12 +104,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise SlimGPTError(f"--device {config.device} but no CUDA device is available: pass --device cpu")
     source = resolve_model_path(args.model)
     # The data is read and tokenized before the weights: an offline or malformed dataset fails in seconds.
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=args.trust_remote_code)
-    except OSError as error:
-        raise SlimGPTError(f"cannot load the tokenizer of {args.model!r} ({str(error).splitlines()[0]}): pass a "
-                           "model folder with its tokenizer files") from None
-    training_data = load_training_data(tokenizer, config)
+    training_data = load_training_data(load_tokenizer(source, args.model, args.trust_remote_code), config)
     model, tokenizer = load_model(args.model, dtype=None, device="cpu", trust_remote_code=args.trust_remote_code)
     saved_dtype = next(model.parameters()).dtype
     if args.dtype != "auto":
@@ -113,9 +113,5 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                       resume=args.resume, model_name=args.model)
     model.to(device="cpu", dtype=saved_dtype)
     save_finetuned(model, tokenizer, report, output, source=source, overwrite=args.overwrite)
-    shutil.rmtree(checkpoint, ignore_errors=True)
-    if args.json:
-        Path(args.json).write_text(report.to_json())
-    print(report.to_markdown())
-    print(f"\nsaved to {output}")
+    common.finish_saved(report, output, checkpoint, args.json)
     return 0

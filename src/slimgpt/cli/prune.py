@@ -1,28 +1,55 @@
-"""The ``slimgpt`` command line. It only parses arguments into configs and calls the library."""
+"""``slimgpt prune``: parse the options into a ``PruneConfig``, prune (in memory or streamed), save, print."""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import shutil
-import sys
-import time
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
-from slimgpt.config import GQA_POLICIES, HEAD_SCORES, METHODS, SOLVERS, PruneConfig
-from slimgpt.errors import SlimGPTError
+from slimgpt.cli import common
+from slimgpt.config import GQA_POLICIES, HEAD_SCORES, SOLVERS, PruneConfig
+from slimgpt.config import METHODS as METHOD_NAMES
+from slimgpt.methods import METHODS
 from slimgpt.solver.schedule import SCHEDULES
 from slimgpt.solver.structured import GROUP_SCHEDULES
 
-logger = logging.getLogger("slimgpt")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def _add_prune_options(parser: argparse.ArgumentParser) -> None:
+def method_names() -> list[str]:
+    """The registered methods, in the order of ``slimgpt.config.METHODS`` (any others after, by name)."""
+    order = {name: index for index, name in enumerate(METHOD_NAMES)}
+    return sorted(METHODS, key=lambda name: (order.get(name, len(order)), name))
+
+
+def method_help() -> str:
+    """``--method``'s help: one line per registered method, from its ``help`` attribute."""
+    lines = ["pruning method (default %(default)s):"]
+    lines += [f"{name}: {METHODS[name].help}" for name in method_names()]
+    return "\n".join(line.replace("%", "%%") if index else line for index, line in enumerate(lines))
+
+
+def register(subparsers: common.Subparsers) -> None:
+    parser = subparsers.add_parser("prune", help="prune a model and save the smaller model",
+                                   formatter_class=common.LineHelpFormatter)
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="Hub id, local folder, or a built-in name (tiny-mha, tiny-gqa)")
+    common.add_saving(parser, resume_help="continue from the per-layer checkpoint")
+    common.add_dtype(parser, DTYPES, default="auto")
+    common.add_trust_remote_code(parser)
+    common.add_json(parser, help="also write the report JSON here")
+    parser.add_argument("--stream", action="store_true",
+                        help="for models larger than CPU RAM: read one decoder layer at a time from the safetensors "
+                             "shards and write it out as soon as it is pruned (works with --resume)")
+    add_prune_options(parser)
+
+
+def add_prune_options(parser: argparse.ArgumentParser) -> None:
+    """Every ``PruneConfig`` field, with its default."""
     d = PruneConfig()
-    parser.add_argument("--method", choices=METHODS, default=d.method,
-                        help="slimgpt, or a baseline: magnitude, wanda-sp, flap, llm-pruner (default %(default)s)")
+    parser.add_argument("--method", choices=method_names(), default=d.method, help=method_help())
     parser.add_argument("--ratio", type=float, default=d.ratio,
                         help="fraction of decoder-layer parameters to remove, in [0, 1) (default %(default)s)")
     parser.add_argument("--calib", default=d.calib,
@@ -44,7 +71,7 @@ def _add_prune_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gqa-policy", choices=GQA_POLICIES, default=d.gqa_policy)
     parser.add_argument("--solver", choices=SOLVERS, default=d.solver)
     parser.add_argument("--round-to", type=int, default=d.round_to, help="keep FFN widths a multiple of N")
-    parser.add_argument("--device", default=d.device, help="compute device for the layer being pruned")
+    common.add_device(parser, default=d.device, help="compute device for the layer being pruned")
     parser.add_argument("--no-offload", action="store_true", help="keep calibration activations on --device")
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--taylor-samples", type=int, default=d.taylor_samples,
@@ -53,7 +80,7 @@ def _add_prune_options(parser: argparse.ArgumentParser) -> None:
                         help="llm-pruner: tokens of each window in its gradient pass (default %(default)s)")
 
 
-def _config_from(args: argparse.Namespace) -> PruneConfig:
+def config_from(args: argparse.Namespace) -> PruneConfig:
     return PruneConfig(
         method=args.method, ratio=args.ratio, schedule=args.schedule, first_ratio=args.first_ratio,
         first_fraction=args.first_fraction, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
@@ -65,12 +92,12 @@ def _config_from(args: argparse.Namespace) -> PruneConfig:
     )
 
 
-def cmd_prune(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from slimgpt.models.slim import load_model
     from slimgpt.prune import prune_model
     from slimgpt.saving import check_checkpoint, check_output, save_pruned
 
-    config = _config_from(args)  # validates every option before any work
+    config = config_from(args)  # validates every option before any work
     output = check_output(args.output, args.overwrite)
     checkpoint = check_checkpoint(output, args.checkpoint_dir, args.resume)
     if args.stream:  # one decoder layer in memory at a time (slimgpt.streaming)
@@ -85,75 +112,5 @@ def cmd_prune(args: argparse.Namespace) -> int:
         report = prune_model(model, config, tokenizer=tokenizer, checkpoint_dir=checkpoint, resume=args.resume,
                              model_name=args.model)
         save_pruned(model, tokenizer, report, output, overwrite=args.overwrite)
-    shutil.rmtree(checkpoint, ignore_errors=True)
-    if args.json:
-        Path(args.json).write_text(report.to_json())
-    print(report.to_markdown())
-    print(f"\nsaved to {output}")
+    common.finish_saved(report, output, checkpoint, args.json)
     return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from slimgpt.demo import run_demo
-
-    start = time.perf_counter()
-    print(run_demo(ratios=args.ratios, nsamples=args.nsamples, seqlen=args.seqlen, device=args.device))
-    print(f"\nwall time {time.perf_counter() - start:.1f} s")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slimgpt", description="SlimGPT structured pruning for causal LMs.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    prune = sub.add_parser("prune", help="prune a model and save the smaller model")
-    prune.add_argument("model", help="Hub id, local folder, or a built-in name (tiny-mha, tiny-gqa)")
-    prune.add_argument("--output", "-o", required=True)
-    prune.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    prune.add_argument("--resume", action="store_true", help="continue from the per-layer checkpoint")
-    prune.add_argument("--checkpoint-dir", default=None, help="default: OUTPUT.checkpoint")
-    prune.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    prune.add_argument("--trust-remote-code", action="store_true")
-    prune.add_argument("--json", default=None, help="also write the report JSON here")
-    prune.add_argument("--stream", action="store_true",
-                       help="for models larger than CPU RAM: read one decoder layer at a time from the safetensors "
-                            "shards and write it out as soon as it is pruned (works with --resume)")
-    _add_prune_options(prune)
-    prune.set_defaults(func=cmd_prune)
-
-    demo = sub.add_parser("demo", help="prune the built-in model at 20%% and 50%% and compare with dense")
-    demo.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=[0.2, 0.5])
-    demo.add_argument("--nsamples", type=int, default=64)
-    demo.add_argument("--seqlen", type=int, default=512)
-    demo.add_argument("--device", default="cpu")
-    demo.set_defaults(func=cmd_demo)
-
-    from slimgpt.evaluation.cli import register as register_eval
-    from slimgpt.export.cli import register as register_export
-    from slimgpt.finetune_cli import register as register_finetune
-
-    for register in (register_eval, register_finetune, register_export):
-        register(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        result: Any = args.func(args)
-    except SlimGPTError as error:
-        print(f"slimgpt: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("slimgpt: interrupted", file=sys.stderr)
-        return 130
-    return int(result or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

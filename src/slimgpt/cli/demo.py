@@ -2,16 +2,22 @@
 
 Dense ``tiny-mha`` against SlimGPT at 20% and 50% of its decoder parameters: parameters, held-out
 perplexity (the shipped held-out split of the built-in corpus) and generation speed.
+
+The job, ``run_demo``, prunes (slimgpt.prune) and evaluates (slimgpt.evaluation), so it sits above both, with
+the CLI; it is a plain function that the ``demo`` subcommand calls.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import logging
+import time
 from typing import Any
 
 import torch
 
+from slimgpt.cli import common
 from slimgpt.config import PruneConfig
 from slimgpt.data import calibration_windows, eval_windows
 from slimgpt.evaluation.ppl import perplexity
@@ -21,6 +27,26 @@ from slimgpt.prune import prune_model
 from slimgpt.report import PruneReport
 
 logger = logging.getLogger(__name__)
+
+
+def register(subparsers: common.Subparsers) -> None:
+    parser = subparsers.add_parser("demo", help="prune the built-in model at 20%% and 50%% and compare with dense")
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=[0.2, 0.5])
+    parser.add_argument("--nsamples", type=int, default=64)
+    parser.add_argument("--seqlen", type=int, default=512)
+    common.add_device(parser, default="cpu")
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    print(run_demo(ratios=args.ratios, nsamples=args.nsamples, seqlen=args.seqlen, device=args.device))
+    print(f"\nwall time {time.perf_counter() - start:.1f} s")
+    return 0
 
 
 def run_demo(model_name: str = "tiny-mha", ratios: list[float] | None = None, nsamples: int = 64,

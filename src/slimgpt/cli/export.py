@@ -6,7 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
+from slimgpt.cli import common
 from slimgpt.errors import ConfigError
+from slimgpt.export import FORMATS, GGUF_OUTTYPES, export_gguf, export_padded, export_remote_code
 
 FORMAT_HELP = """formats (all opt-in; a saved folder itself never contains code):
   remote-code   add configuration_slimgpt.py / modeling_slimgpt.py and an auto_map to config.json, so
@@ -19,28 +21,28 @@ FORMAT_HELP = """formats (all opt-in; a saved folder itself never contains code)
 """
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``export`` subcommand."""
-    from slimgpt.export import FORMATS, GGUF_OUTTYPES
-
+def register(subparsers: common.Subparsers) -> None:
     parser = subparsers.add_parser(
         "export", help="make a pruned model usable without slimgpt (remote code, padded stock config, GGUF)",
         description="Export a folder saved by `slimgpt prune` for runtimes without slimgpt.",
         epilog=FORMAT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", metavar="DIR", help="folder written by `slimgpt prune`")
     parser.add_argument("--format", required=True, choices=FORMATS, dest="export_format")
-    parser.add_argument("--output", "-o", default=None,
-                        help="output folder (remote-code: default edits DIR in place; llama-padded) or file (gguf)")
+    common.add_output(parser, required=False,
+                      help="output folder (remote-code: default edits DIR in place; llama-padded) or file (gguf)")
     parser.add_argument("--outtype", choices=GGUF_OUTTYPES, default="f16",
                         help="gguf: float type of the weight matrices; norms and biases stay f32 (default %(default)s)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    parser.set_defaults(func=cmd_export)
+    common.add_overwrite(parser)
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from slimgpt.export import export_gguf, export_padded, export_remote_code
-
+def check_source(args: argparse.Namespace) -> Path:
+    """The folder to export, checked (and the --output it needs) before any work."""
     source = Path(args.directory)
     if not source.is_dir():
         raise ConfigError(f"{source} is not a folder: pass the folder written by `slimgpt prune`")
@@ -51,6 +53,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.export_format != "remote-code" and args.output is None:
         kind = "file" if args.export_format == "gguf" else "folder"
         raise ConfigError(f"--format {args.export_format} writes a new {kind}: pass --output")
+    return source
+
+
+def run(args: argparse.Namespace) -> int:
+    source = check_source(args)
     if args.export_format == "remote-code":
         path = export_remote_code(source, args.output, overwrite=args.overwrite)
         print(f"{path}: loads with AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)")
