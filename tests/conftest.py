@@ -32,7 +32,7 @@ def _common(**overrides: object) -> dict[str, object]:
 
 
 def make_model(family: str, seed: int = 0) -> torch.nn.Module:
-    """A tiny randomly initialised model of ``family`` (llama, llama-gqa, mistral, qwen2, opt)."""
+    """A tiny randomly initialised model of ``family`` (llama, llama-gqa, mistral, qwen2, opt, opt-post-norm)."""
     torch.manual_seed(seed)
     if family == "llama":
         model = LlamaForCausalLM(LlamaConfig(**_common(intermediate_size=96, num_key_value_heads=4)))
@@ -45,10 +45,10 @@ def make_model(family: str, seed: int = 0) -> torch.nn.Module:
     elif family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**_common(intermediate_size=96, num_attention_heads=8,
                                                        num_key_value_heads=2)))
-    elif family == "opt":
+    elif family in ("opt", "opt-post-norm"):  # opt-post-norm: OPT-350m's LayerNorm after each residual add
         model = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3,
                                          num_attention_heads=4, ffn_dim=96, max_position_embeddings=128,
-                                         word_embed_proj_dim=64))
+                                         word_embed_proj_dim=64, do_layer_norm_before=family == "opt"))
     else:
         raise ValueError(family)
     # Random init leaves biases and norms trivial; perturb everything so every path is exercised.

@@ -8,6 +8,7 @@ and a padded or GGUF copy of a large model should not hold two models in memory.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,21 +18,7 @@ from safetensors import safe_open
 
 from slimgpt.errors import SlimGPTError, UnsupportedModelError
 from slimgpt.models.adapters import LayerSizes
-from slimgpt.models.families import base_model_type
-
-LLAMA_LIKE = ("llama", "mistral", "qwen2")
-FAMILIES = (*LLAMA_LIKE, "opt")
-
-# Names of one decoder layer's tensors, relative to its prefix, by role.
-LLAMA_NAMES = {
-    "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-    "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-}
-OPT_NAMES = {
-    "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.out_proj",
-    "up": "fc1", "down": "fc2", "attn_norm": "self_attn_layer_norm", "ffn_norm": "final_layer_norm",
-}
+from slimgpt.models.families import FAMILIES, Family, base_model_type
 
 
 @dataclass
@@ -41,16 +28,20 @@ class Checkpoint:
     directory: Path
     config: dict[str, Any]
     tensors: dict[str, torch.Tensor]
-    family: str  # llama | mistral | qwen2 | opt
+    family: str  # a key of slimgpt.models.families.FAMILIES
     head_dim: int
     sizes: list[LayerSizes]
 
     @property
+    def row(self) -> Family:
+        return FAMILIES[self.family]
+
+    @property
     def names(self) -> dict[str, str]:
-        return OPT_NAMES if self.family == "opt" else LLAMA_NAMES
+        return self.row.tensor_names
 
     def layer_prefix(self, index: int) -> str:
-        return f"model.decoder.layers.{index}." if self.family == "opt" else f"model.layers.{index}."
+        return self.row.layer_prefix.format(index)
 
     def layer_tensor(self, index: int, role: str, kind: str = "weight") -> torch.Tensor | None:
         """The ``kind`` ("weight" / "bias") tensor of ``role`` in layer ``index``; None if absent."""
@@ -66,7 +57,7 @@ class Checkpoint:
         cfg = self.config
         heads = int(cfg["num_attention_heads"])
         kv = int(cfg.get("num_key_value_heads") or heads)
-        ffn = int(cfg.get("ffn_dim") or 0) if self.family == "opt" else int(cfg["intermediate_size"])
+        ffn = int(cfg.get(self.row.ffn_size_key) or 0)
         return LayerSizes(heads, kv, ffn)
 
 
@@ -100,18 +91,18 @@ def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _layer_sizes(config: dict[str, Any], family: str, head_dim: int, tensors: dict[str, torch.Tensor],
-                 prefix: str, names: dict[str, str]) -> list[LayerSizes]:
-    n = int(config["num_hidden_layers"])
+def _layer_sizes(config: dict[str, Any], row: Family, head_dim: int,
+                 tensors: dict[str, torch.Tensor]) -> list[LayerSizes]:
+    n, names = int(config["num_hidden_layers"]), row.tensor_names
     sizes = []
     for i in range(n):
-        layer = prefix.format(i)
+        layer = row.layer_prefix.format(i)
         try:
             q, k = tensors[f"{layer}{names['q']}.weight"], tensors[f"{layer}{names['k']}.weight"]
             down = tensors[f"{layer}{names['down']}.weight"]
         except KeyError as error:
             raise SlimGPTError(f"layer {i} has no tensor {error.args[0]}: the folder is incomplete or not "
-                               f"a {family} checkpoint") from None
+                               f"a {row.model_type} checkpoint") from None
         sizes.append(LayerSizes(q.shape[0] // head_dim, k.shape[0] // head_dim, down.shape[1]))
     listed = config.get("layer_num_attention_heads")
     if listed is not None:
@@ -128,14 +119,11 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
     path = Path(directory)
     config = read_config(path)
     family = family_of(config)
-    if family == "opt":
-        head_dim = int(config["hidden_size"]) // int(config["num_attention_heads"])
-        prefix, names = "model.decoder.layers.{}.", OPT_NAMES
-    else:
-        head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // int(config["num_attention_heads"]))
-        prefix, names = "model.layers.{}.", LLAMA_NAMES
+    row = FAMILIES[family]
+    listed_head_dim = config.get("head_dim") if row.head_dim_key else None
+    head_dim = int(listed_head_dim or int(config["hidden_size"]) // int(config["num_attention_heads"]))
     tensors = read_tensors(path)
-    sizes = _layer_sizes(config, family, head_dim, tensors, prefix, names)
+    sizes = _layer_sizes(config, row, head_dim, tensors)
     return Checkpoint(path, config, tensors, family, head_dim, sizes)
 
 
@@ -146,3 +134,8 @@ def support_files(directory: Path) -> list[Path]:
             if p.is_file() and not p.name.endswith(skip_suffixes) and p.name not in ("config.json",
                                                                                     "model.safetensors.index.json")
             and not p.name.startswith(".")]
+
+
+def copy_files(files: list[Path], directory: Path) -> None:
+    for file in files:
+        shutil.copy2(file, directory / file.name)

@@ -41,10 +41,10 @@ import gguf
 import numpy as np
 import torch
 
+from slimgpt._util.files import check_file_output, write_atomic_file
 from slimgpt.errors import SlimGPTError, UnsupportedModelError
 from slimgpt.export import GGUF_OUTTYPES as OUTTYPES
 from slimgpt.export.checkpoint import Checkpoint, read_checkpoint
-from slimgpt.export.output import check_file_output, write_atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -141,10 +141,10 @@ def llama3_rope_factors(scaling: dict[str, Any], theta: float, head_dim: int) ->
 def check_representable(checkpoint: Checkpoint, notes: list[str]) -> None:
     """Refuse what deci cannot compute; note what it computes differently (sliding window)."""
     cfg = checkpoint.config
-    if checkpoint.family == "opt":
-        raise UnsupportedModelError("OPT cannot be written as GGUF by slimgpt (llama.cpp's per-layer-width "
-                                    "architecture is LLaMA-like): export --format llama-padded and convert that "
-                                    "with llama.cpp's convert_hf_to_gguf.py")
+    if not checkpoint.row.llama_like:
+        raise UnsupportedModelError(f"{checkpoint.row.label} cannot be written as GGUF by slimgpt (llama.cpp's "
+                                    "per-layer-width architecture is LLaMA-like): export --format llama-padded and "
+                                    "convert that with llama.cpp's convert_hf_to_gguf.py")
     if cfg.get("hidden_act", "silu") != "silu":
         raise UnsupportedModelError(f"activation {cfg.get('hidden_act')!r} is not SiLU, which llama.cpp's deci "
                                     "architecture assumes")
@@ -155,7 +155,7 @@ def check_representable(checkpoint: Checkpoint, notes: list[str]) -> None:
     if kind not in ("default", "linear", "llama3"):
         raise UnsupportedModelError(f"RoPE scaling {kind!r} is not supported by slimgpt's GGUF writer (default, "
                                     "linear, llama3 are): export --format llama-padded and use llama.cpp's converter")
-    use_window = cfg.get("use_sliding_window", checkpoint.family == "mistral")
+    use_window = cfg.get("use_sliding_window", checkpoint.row.window_by_default)
     window = cfg.get("sliding_window") if use_window else None
     if window is not None and int(window) < int(cfg.get("max_position_embeddings", 0)):
         notes.append(f"sliding window of {window} tokens is not represented (llama.cpp's deci attends over the whole "

@@ -34,16 +34,14 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 
+from slimgpt._util.files import write_atomic_dir
 from slimgpt.errors import SlimGPTError
-from slimgpt.export.checkpoint import Checkpoint, read_checkpoint, support_files
-from slimgpt.export.output import copy_files
+from slimgpt.export.checkpoint import Checkpoint, copy_files, read_checkpoint, support_files
 from slimgpt.models.adapters import LayerSizes
-from slimgpt.saving import write_atomic_dir
+from slimgpt.models.families import FAMILIES, Family
 
 logger = logging.getLogger(__name__)
 
-STOCK_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                       "opt": "OPTForCausalLM"}
 # Config keys that only the Qwen2 / Mistral sliding-window attention reads (dropped when a model
 # becomes a LLaMA config, which is allowed only when no window is in effect).
 SLIDING_WINDOW_KEYS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types")
@@ -146,44 +144,47 @@ def _has_bias(checkpoint: Checkpoint, roles: tuple[str, ...]) -> bool:
                for i in range(len(checkpoint.sizes)) for role in roles if role in checkpoint.names)
 
 
+def _check_no_window(row: Family, cfg: dict[str, Any], target: Family) -> None:
+    """A model leaving its family for ``target`` (which has no sliding window) must not use one."""
+    family = row.model_type
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", row.window_by_default) else None
+    if window is not None and int(window) < int(cfg.get("max_position_embeddings", 0)):
+        raise SlimGPTError(
+            f"this pruned {family} model has output biases, which a stock {family} config cannot hold, and a "
+            f"sliding window ({window}) that a {target.label} config cannot hold: no stock config is exact; use "
+            "--format remote-code"
+        )
+    logger.info("%s with output biases exported as a %s config (same network without a sliding window)",
+                family, target.label)
+
+
 def stock_family_and_biases(checkpoint: Checkpoint) -> tuple[str, BiasPlan, dict[str, Any]]:
     """The stock family that can hold the model's biases, its bias layout and config overrides.
 
-    Stock Qwen2 has q/k/v biases only and stock Mistral none; a pruned model with output biases
-    (FLAP) becomes a LLaMA config (``attention_bias`` / ``mlp_bias``), which is the same network
-    when no sliding window is in effect.
+    The family row says what its stock config holds (slimgpt.models.families.StockBiases): stock
+    Qwen2 has q/k/v biases only and stock Mistral none; a pruned model with output biases (FLAP)
+    becomes the row's fallback, a LLaMA config (``attention_bias`` / ``mlp_bias``), which is the same
+    network when no sliding window is in effect.
     """
-    family, cfg = checkpoint.family, checkpoint.config
-    qkv = _has_bias(checkpoint, ("q", "k", "v"))
-    o = _has_bias(checkpoint, ("o",))
-    ffn_in = _has_bias(checkpoint, ("gate", "up"))
-    ffn_out = _has_bias(checkpoint, ("down",))
-    if family == "opt":
-        enable = bool(cfg.get("enable_bias", True)) or qkv or o or ffn_in or ffn_out
-        return "opt", BiasPlan(enable, enable, enable, enable), {"enable_bias": enable}
-    fits_stock = {
-        "llama": True,
-        "qwen2": not (o or ffn_in or ffn_out),
-        "mistral": not (qkv or o or ffn_in or ffn_out),
-    }[family]
-    if family == "qwen2" and fits_stock:
-        return "qwen2", BiasPlan(True, False, False, False), {}
-    if family == "mistral" and fits_stock:
-        return "mistral", BiasPlan(False, False, False, False), {}
-    if family != "llama":
-        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", family == "mistral") else None
-        if window is not None and int(window) < int(cfg.get("max_position_embeddings", 0)):
-            raise SlimGPTError(
-                f"this pruned {family} model has output biases, which a stock {family} config cannot hold, and a "
-                f"sliding window ({window}) that a LLaMA config cannot hold: no stock config is exact; use "
-                "--format remote-code"
-            )
-        logger.info("%s with output biases exported as a LLaMA config (same network without a sliding window)",
-                    family)
-    attention_bias = qkv or o or bool(cfg.get("attention_bias", False))
-    mlp_bias = ffn_in or ffn_out or bool(cfg.get("mlp_bias", False))
-    plan = BiasPlan(attention_bias, attention_bias, mlp_bias, mlp_bias)
-    return "llama", plan, {"attention_bias": attention_bias, "mlp_bias": mlp_bias}
+    row, cfg = checkpoint.row, checkpoint.config
+    present = (_has_bias(checkpoint, ("q", "k", "v")), _has_bias(checkpoint, ("o",)),
+               _has_bias(checkpoint, row.ffn_input_roles), _has_bias(checkpoint, ("down",)))
+    target = row
+    fixed = row.biases.fixed
+    if fixed is not None:
+        if all(built or not has for built, has in zip(fixed, present, strict=True)):
+            return row.model_type, BiasPlan(*fixed), {}
+        if row.biases.fallback is None:
+            raise SlimGPTError(f"this pruned {row.model_type} model has biases that a stock {row.model_type} "
+                               "config cannot hold: use --format remote-code")
+        target = FAMILIES[row.biases.fallback]
+        _check_no_window(row, cfg, target)
+    switches = target.biases.switches
+    needed: dict[str, bool] = {}
+    for key, has in zip(switches, present, strict=True):
+        needed[key] = needed.get(key, False) or has
+    overrides = {key: has or bool(cfg.get(key, target.biases.switch_default)) for key, has in needed.items()}
+    return target.model_type, BiasPlan(*(overrides[key] for key in switches)), overrides
 
 
 def _bias(checkpoint: Checkpoint, index: int, role: str, size: int, like: torch.Tensor) -> torch.Tensor:
@@ -219,8 +220,7 @@ def padded_layer(checkpoint: Checkpoint, index: int, target: LayerSizes, placeme
                                        placement.kv_sources, hd))
     if biases.o:
         put("o", "bias", _bias(checkpoint, index, "o", o.shape[0], o))
-    ffn_in_roles = ("up",) if checkpoint.family == "opt" else ("gate", "up")
-    for role in ffn_in_roles:
+    for role in checkpoint.row.ffn_input_roles:
         tensor = weight(role)
         put(role, "weight", _pad_rows(tensor, target.ffn_dim))
         if biases.ffn_in:
@@ -248,13 +248,13 @@ def padded_state(checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[
     if family != checkpoint.family:
         config = {k: v for k, v in config.items() if k not in SLIDING_WINDOW_KEYS}
     config.update(overrides)
-    config.update(model_type=family, architectures=[STOCK_ARCHITECTURES[family]],
-                  num_attention_heads=target.n_heads)
-    if family == "opt":
-        config["ffn_dim"] = target.ffn_dim
-    else:
-        config.update(num_key_value_heads=target.n_kv_heads, intermediate_size=target.ffn_dim,
-                      head_dim=checkpoint.head_dim)
+    row = FAMILIES[family]
+    config.update(model_type=family, architectures=[row.stock_architecture], num_attention_heads=target.n_heads)
+    config[row.ffn_size_key] = target.ffn_dim
+    if row.kv_heads_key:
+        config["num_key_value_heads"] = target.n_kv_heads
+    if row.head_dim_key:
+        config["head_dim"] = checkpoint.head_dim
     return state, config, target
 
 
@@ -269,11 +269,12 @@ def save_safetensors(state: dict[str, torch.Tensor], directory: Path, max_shard_
 
 
 def padded_readme(source: Path, family: str, target: LayerSizes) -> str:
+    architecture = FAMILIES[family].stock_architecture
     return f"""# {source.name}: slimgpt-pruned model, zero-padded to a stock {family} config
 
 Exported with `slimgpt export --format llama-padded`. The removed attention heads and FFN channels are
 back as exact zeros, so every layer has the stock widths ({target.n_heads} heads, {target.n_kv_heads} key/value
-heads, {target.ffn_dim} FFN channels) and a plain `{STOCK_ARCHITECTURES[family]}` loads it, with no slimgpt and no
+heads, {target.ffn_dim} FFN channels) and a plain `{architecture}` loads it, with no slimgpt and no
 remote code. The outputs equal the pruned model's, but the model is as large and as slow as the dense
 one: this format is for compatibility, not speed. The pruning report is in `slimgpt_report.json`.
 """

@@ -22,20 +22,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from slimgpt._util.files import replace_text, write_atomic_dir
 from slimgpt.errors import SlimGPTError
 from slimgpt.export.checkpoint import family_of, read_config
-from slimgpt.export.output import replace_text
-from slimgpt.saving import write_atomic_dir
+from slimgpt.models.families import FAMILIES
 
 logger = logging.getLogger(__name__)
 
 REMOTE_FILES = ("configuration_slimgpt.py", "modeling_slimgpt.py")
-CLASS_NAMES = {
-    "llama": ("SlimLlamaConfig", "SlimLlamaForCausalLM"),
-    "mistral": ("SlimMistralConfig", "SlimMistralForCausalLM"),
-    "qwen2": ("SlimQwen2Config", "SlimQwen2ForCausalLM"),
-    "opt": ("SlimOPTConfig", "SlimOPTForCausalLM"),
-}
 README_SECTION = """
 ## Loading without slimgpt (remote code)
 This folder ships `configuration_slimgpt.py` and `modeling_slimgpt.py` (torch and transformers only):
@@ -54,7 +48,7 @@ def remote_config(config: dict[str, Any]) -> dict[str, Any]:
     if not str(config.get("model_type", "")).startswith("slimgpt_"):
         raise SlimGPTError(f"model type {config.get('model_type')!r} is a stock transformers type: the folder "
                            "already loads without slimgpt, so it needs no remote code")
-    config_class, model_class = CLASS_NAMES[family]
+    config_class, model_class = FAMILIES[family].slim_class_names
     values = dict(config)
     values["auto_map"] = {
         "AutoConfig": f"configuration_slimgpt.{config_class}",

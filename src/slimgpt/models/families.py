@@ -36,16 +36,38 @@ OPT_NAMES = {
 
 
 @dataclass(frozen=True)
+class StockBiases:
+    """Which bias groups a stock config of the family builds: q/k/v, attention output, FFN inputs, FFN output.
+
+    fixed: the stock class always builds exactly these groups (Qwen2: q/k/v only; Mistral: none); None
+    where config keys switch them. switches: the config key that switches each group (LLaMA:
+    ``attention_bias`` twice, ``mlp_bias`` twice; OPT: ``enable_bias`` for all four), and
+    switch_default its value when the config omits it. fallback: the family whose config is the same
+    network with switchable biases when no sliding window is in effect; a model whose biases a fixed
+    layout cannot hold is exported as that family (slimgpt.export.padded).
+    """
+
+    fixed: tuple[bool, bool, bool, bool] | None = None
+    switches: tuple[str, str, str, str] = ("", "", "", "")
+    switch_default: bool = False
+    fallback: str | None = None
+
+
+@dataclass(frozen=True)
 class Family:
     """What slimgpt needs to know about one Hugging Face model family.
 
-    tensor_names: a decoder layer's tensors by role, relative to ``layer_prefix.format(index)``.
-    ffn_size_key: the config key of the FFN width. head_dim_key: the config has a ``head_dim`` field.
-    llama_like: pre-norm RMSNorm, rotary, gated SiLU FFN (llama.cpp's deci architecture can hold it).
-    ffn_input_roles: the tensor roles that read the FFN's input (gate and up, or fc1).
+    label: the family's name in messages. tensor_names: a decoder layer's tensors by role, relative to
+    ``layer_prefix.format(index)``. ffn_size_key: the config key of the FFN width. head_dim_key: the
+    config has a ``head_dim`` field. kv_heads_key: the config has ``num_key_value_heads`` (GQA).
+    llama_like: pre-norm RMSNorm, rotary, gated SiLU FFN (llama.cpp's deci architecture can hold it,
+    so the GGUF export accepts it). ffn_input_roles: the tensor roles that read the FFN's input (gate
+    and up, or fc1). window_by_default: a sliding window applies when the config has no
+    ``use_sliding_window`` key (Mistral). biases: what the stock config can hold (StockBiases).
     """
 
     model_type: str
+    label: str
     adapter: type[ModelAdapter]
     config_class: Any
     model_class: Any
@@ -56,6 +78,9 @@ class Family:
     head_dim_key: bool
     llama_like: bool
     ffn_input_roles: tuple[str, ...]
+    kv_heads_key: bool = True
+    window_by_default: bool = False
+    biases: StockBiases = StockBiases()
 
     @property
     def slim_model_type(self) -> str:
@@ -67,17 +92,21 @@ class Family:
         return f"Slim{self.config_class.__name__}", f"Slim{self.model_class.__name__}"
 
 
-def _llama_like(model_type: str, config_class: Any, model_class: Any) -> Family:
-    return Family(model_type, LlamaLikeAdapter, config_class, model_class, model_class.__name__, LLAMA_NAMES,
-                  "model.layers.{}.", "intermediate_size", True, True, ("gate", "up"))
+def _llama_like(model_type: str, label: str, config_class: Any, model_class: Any, **facts: Any) -> Family:
+    return Family(model_type, label, LlamaLikeAdapter, config_class, model_class, model_class.__name__,
+                  LLAMA_NAMES, "model.layers.{}.", "intermediate_size", True, True, ("gate", "up"), **facts)
 
 
 FAMILIES: dict[str, Family] = {
-    "llama": _llama_like("llama", LlamaConfig, LlamaForCausalLM),
-    "mistral": _llama_like("mistral", MistralConfig, MistralForCausalLM),
-    "qwen2": _llama_like("qwen2", Qwen2Config, Qwen2ForCausalLM),
-    "opt": Family("opt", OPTAdapter, OPTConfig, OPTForCausalLM, "OPTForCausalLM", OPT_NAMES,
-                  "model.decoder.layers.{}.", "ffn_dim", False, False, ("up",)),
+    "llama": _llama_like("llama", "LLaMA", LlamaConfig, LlamaForCausalLM, biases=StockBiases(
+        switches=("attention_bias", "attention_bias", "mlp_bias", "mlp_bias"))),
+    "mistral": _llama_like("mistral", "Mistral", MistralConfig, MistralForCausalLM, window_by_default=True,
+                           biases=StockBiases(fixed=(False, False, False, False), fallback="llama")),
+    "qwen2": _llama_like("qwen2", "Qwen2", Qwen2Config, Qwen2ForCausalLM,
+                         biases=StockBiases(fixed=(True, False, False, False), fallback="llama")),
+    "opt": Family("opt", "OPT", OPTAdapter, OPTConfig, OPTForCausalLM, "OPTForCausalLM", OPT_NAMES,
+                  "model.decoder.layers.{}.", "ffn_dim", False, False, ("up",), kv_heads_key=False,
+                  biases=StockBiases(switches=("enable_bias",) * 4, switch_default=True)),
 }
 
 
