@@ -21,6 +21,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+import slimgpt.data.hub as data_hub
 from slimgpt import corpus, data
 from slimgpt.errors import ConfigError, DataError
 
@@ -297,7 +298,7 @@ def fake_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
         state["calls"].append((name, hub_split, files))
         return datasets.Dataset.from_list(state["rows"])
 
-    monkeypatch.setattr(data, "_load_hub_split", load)
+    monkeypatch.setattr(data_hub, "load_hub_split", load)
     yield state
 
 
@@ -416,7 +417,7 @@ def silent_hub(monkeypatch: pytest.MonkeyPatch, empty_hf_cache: Path) -> Iterato
         server.listen(8)
         endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
         monkeypatch.setattr(datasets.config, "HF_ENDPOINT", endpoint)
-        monkeypatch.setattr(data, "HUB_PROBE_TIMEOUT_S", 0.5)
+        monkeypatch.setattr(data_hub, "HUB_PROBE_TIMEOUT_S", 0.5)
         yield endpoint
 
 

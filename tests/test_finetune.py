@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import slimgpt
+import slimgpt.data.hub as data_hub
 from conftest import TEXT, calibration, make_model, probe
 from slimgpt.cli import main
 from slimgpt.errors import ConfigError, DataError
@@ -187,7 +188,7 @@ def test_data_sources_pick_instruction_or_text(tokenizer: Any, instructions: Pat
     from datasets import Dataset
 
     rows = [dict(record, output=f"{record['output']} {i}") for i, record in enumerate(RECORDS * 20)]
-    monkeypatch.setattr(slimgpt.data, "_load_hub_split", lambda *args: Dataset.from_list(rows))
+    monkeypatch.setattr(data_hub, "load_hub_split", lambda *args: Dataset.from_list(rows))
     alpaca = load_training_data(tokenizer, _config("alpaca"))
     assert alpaca.kind == "instruction" and alpaca.description["hub_id"] == "yahma/alpaca-cleaned"
     assert len(alpaca.examples) == 76  # the last 4 of 80 rows are slimgpt.data's eval split

@@ -7,7 +7,7 @@
 Importing this package loads neither lm-eval nor matplotlib; they are imported when used.
 """
 
-from slimgpt.evaluation.evaluate import evaluate_model, layer_widths, realised_ratios, report_plots
+from slimgpt.evaluation.evaluate import EvalOptions, evaluate_model, layer_widths, realised_ratios, report_plots
 from slimgpt.evaluation.harness import (
     COMMONSENSE_TASKS,
     DEFAULT_TASKS,
@@ -25,6 +25,7 @@ from slimgpt.evaluation.speed import SpeedResult, count_parameters, measure_spee
 __all__ = [
     "COMMONSENSE_TASKS",
     "DEFAULT_TASKS",
+    "EvalOptions",
     "EvalReport",
     "LayerWidths",
     "PerplexityResult",

@@ -5,7 +5,7 @@ exactly as loaded (no save / reload, no fork of lm-eval). Task definitions come 
 own registry (which downloads the datasets from the Hugging Face Hub) or, offline, from a directory of
 task YAMLs whose datasets are local files.
 
-Papers disagree on acc vs acc_norm (peers.md, complaint 5), so both are kept per task and the average
+Papers disagree on acc vs acc_norm, so both are kept per task and the average
 names its convention.
 
 A local task for ``--tasks-dir`` is a stock lm-eval YAML whose dataset is a local file; ``data_files``
@@ -37,7 +37,7 @@ from slimgpt.errors import ConfigError, DataError, SlimGPTError
 
 logger = logging.getLogger(__name__)
 
-# The seven commonsense tasks of SlimGPT / LLM-Pruner (method spec section 9), then MMLU.
+# The seven commonsense tasks of SlimGPT / LLM-Pruner, then MMLU.
 COMMONSENSE_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 DEFAULT_TASKS = (*COMMONSENSE_TASKS, "mmlu")
 # Few-shot examples per task; every task not listed is zero-shot.

@@ -1,4 +1,4 @@
-"""Perplexity on non-overlapping windows (method spec section 9; peers.md protocols A and B).
+"""Perplexity on non-overlapping windows, under the window protocols of the pruning literature.
 
 Every window is evaluated on its own, from an empty context: the first token of a window has no
 prediction, so a window of T tokens contributes T - 1 predicted tokens. The reported value is
@@ -22,7 +22,7 @@ from slimgpt.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
-# Window lengths that name a protocol of the literature (peers.md): numbers are only comparable
+# Window lengths that name a protocol of the literature: numbers are only comparable
 # within one protocol.
 PROTOCOL_NAMES = {
     128: "LLM-Pruner/SlimGPT protocol",

@@ -1,8 +1,8 @@
 """The evaluation report: one object per model, saved as JSON, rendered as Markdown.
 
-Results are objects, never scraped from logs (style guide). A report carries the versions of the
-libraries that produced it, because lm-eval and transformers releases move the numbers (peers.md,
-complaint 5).
+Results are objects, never scraped from logs. A report carries the versions of the libraries that
+produced it, because lm-eval and transformers releases move the numbers. The Markdown of each section
+is in ``markdown.py``; the side-by-side table of several reports (``compare``) is here.
 """
 
 from __future__ import annotations
@@ -17,13 +17,23 @@ from slimgpt._util.files import write_atomic
 from slimgpt._util.versions import package_version
 from slimgpt.errors import DataError
 from slimgpt.evaluation.harness import ZeroShotResult
+from slimgpt.evaluation.markdown import (
+    MISSING,
+    format_bytes,
+    format_count,
+    format_percent,
+    format_ppl,
+    markdown_table,
+    perplexity_section,
+    speed_section,
+    zero_shot_section,
+)
 from slimgpt.evaluation.ppl import PerplexityResult
 from slimgpt.evaluation.speed import SpeedResult
 
 REPORT_FORMAT = "slimgpt.eval_report"
 REPORT_VERSION = 1
 VERSIONED_PACKAGES = ("slimgpt", "torch", "transformers", "lm_eval", "datasets")
-MISSING = "–"
 
 
 @dataclass(frozen=True)
@@ -145,35 +155,6 @@ def library_versions() -> dict[str, str]:
 # ---------------------------------------------------------------------------------------- Markdown
 
 
-def format_count(value: float) -> str:
-    """1234567 -> "1.23M": parameter counts read at a glance."""
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(value) >= size:
-            return f"{value / size:.2f}{unit}"
-    return f"{value:.0f}"
-
-
-def format_bytes(value: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(value) >= size:
-            return f"{value / size:.2f} {unit}"
-    return f"{value:.0f} B"
-
-
-def format_percent(value: float | None) -> str:
-    return MISSING if value is None else f"{100 * value:.2f}"
-
-
-def format_ppl(value: float) -> str:
-    return f"{value:.2f}" if value < 1e5 else f"{value:.3g}"
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def render_markdown(report: EvalReport) -> str:
     """One model's report: size, perplexities, zero-shot and speed tables, then versions."""
     parts = [f"## {report.model}", ""]
@@ -186,79 +167,9 @@ def render_markdown(report: EvalReport) -> str:
         ratio = "" if report.pruning_ratio is None else f" at {100 * report.pruning_ratio:.0f}%"
         facts.append(f"method: {report.method}{ratio}")
     parts += [f"- {fact}" for fact in facts] + [""]
-
-    if report.perplexities:
-        rows = [
-            [r.dataset, r.protocol, format_ppl(r.value), str(r.n_windows), f"{r.n_tokens:,}"]
-            for r in report.perplexities
-        ]
-        parts += [
-            "### Perplexity",
-            "",
-            markdown_table(["dataset", "protocol", "PPL", "windows", "tokens"], rows),
-            "",
-        ]
-
-    if report.zero_shot is not None:
-        zs = report.zero_shot
-        rows = [
-            [
-                t.name,
-                str(t.num_fewshot),
-                format_percent(t.acc),
-                format_percent(t.acc_norm),
-                str(t.n_samples) if t.n_samples is not None else MISSING,
-            ]
-            for t in zs.tasks
-        ]
-        if zs.average is not None:
-            rows.append(
-                [
-                    f"**average** ({len(zs.average_tasks)} task{'s' if len(zs.average_tasks) != 1 else ''})",
-                    "",
-                    format_percent(zs.average_acc),
-                    format_percent(zs.average),
-                    "",
-                ]
-            )
-        parts += [
-            "### Zero-shot accuracy (%)",
-            "",
-            markdown_table(["task", "shots", "acc", "acc_norm", "n"], rows),
-            "",
-        ]
-        notes = [f"tasks: {zs.task_source}; lm-eval {zs.lm_eval_version}"]
-        if zs.average is not None:
-            notes.append(
-                f"average over {', '.join(zs.average_tasks)}: acc_norm column = {zs.average_convention}; "
-                "acc column = mean of acc"
-            )
-        if zs.limit is not None:
-            notes.append(f"limited to {zs.limit} documents per task: not comparable with published numbers")
-        parts += [f"- {note}" for note in notes] + [""]
-
-    if report.speed is not None:
-        s = report.speed
-        rows = [
-            ["prefill (tokens/s)", f"{s.prefill_tokens_per_s:.1f} ± {s.prefill_tokens_per_s_std:.1f}"],
-            ["decode (tokens/s)", f"{s.decode_tokens_per_s:.1f} ± {s.decode_tokens_per_s_std:.1f}"],
-            [
-                f"generate {s.gen_tokens} tokens (s)",
-                f"{s.generate_seconds:.3f} ± {s.generate_seconds_std:.3f}",
-            ],
-            ["peak memory", format_bytes(s.peak_memory_bytes)],
-        ]
-        parts += [
-            "### Speed and memory",
-            "",
-            markdown_table(["measure", "mean ± std"], rows),
-            "",
-            f"- {s.device}, {s.dtype}, batch {s.batch_size}, prompt {s.prompt_tokens} tokens, "
-            f"{s.runs} runs after {s.warmup} warm-up",
-            f"- peak memory: {s.peak_memory_note}",
-            "",
-        ]
-
+    parts += perplexity_section(report.perplexities)
+    parts += zero_shot_section(report.zero_shot)
+    parts += speed_section(report.speed)
     if report.versions:
         parts += [
             "versions: " + ", ".join(f"{name} {version}" for name, version in report.versions.items()),
@@ -280,65 +191,69 @@ def compare(reports: Sequence[EvalReport]) -> str:
     """
     if not reports:
         raise DataError("compare needs at least one report")
-    first = reports[0]
     header = ["", *(_column_name(report, index) for index, report in enumerate(reports))]
-    rows: list[list[str]] = []
+    rows = _size_rows(reports) + _ppl_rows(reports) + _zero_shot_rows(reports) + _speed_rows(reports)
+    parts = [markdown_table(header, rows), ""]
+    parts += _compare_notes(reports)
+    return "\n".join(parts)
 
-    def add(label: str, cells: Sequence[str]) -> None:
-        rows.append([label, *cells])
 
-    add(
-        "method", [report.method or ("dense" if report.pruning_ratio == 0 else MISSING) for report in reports]
-    )
-    add(
-        "parameters",
-        [format_count(r.n_parameters) + _relative(r.n_parameters, first.n_parameters) for r in reports],
-    )
-    add(
-        "weights",
-        [format_bytes(r.weight_bytes) + _relative(r.weight_bytes, first.weight_bytes) for r in reports],
-    )
+def _size_rows(reports: Sequence[EvalReport]) -> list[list[str]]:
+    first = reports[0]
+    return [
+        ["method", *(report.method or ("dense" if report.pruning_ratio == 0 else MISSING) for report in reports)],
+        ["parameters", *(format_count(r.n_parameters) + _relative(r.n_parameters, first.n_parameters)
+                         for r in reports)],
+        ["weights", *(format_bytes(r.weight_bytes) + _relative(r.weight_bytes, first.weight_bytes) for r in reports)],
+    ]
 
-    ppl_keys = _ordered_unique((p.dataset, p.protocol) for r in reports for p in r.perplexities)
-    for dataset, protocol in ppl_keys:
+
+def _ppl_rows(reports: Sequence[EvalReport]) -> list[list[str]]:
+    rows = []
+    for dataset, protocol in _ordered_unique((p.dataset, p.protocol) for r in reports for p in r.perplexities):
         cells = []
         for report in reports:
             found = next(
                 (p for p in report.perplexities if (p.dataset, p.protocol) == (dataset, protocol)), None
             )
             cells.append(MISSING if found is None else format_ppl(found.value))
-        add(f"PPL {dataset}, {protocol}", cells)
+        rows.append([f"PPL {dataset}, {protocol}", *cells])
+    return rows
 
-    task_names = _ordered_unique(t.name for r in reports if r.zero_shot for t in r.zero_shot.tasks)
-    for name in task_names:
+
+def _zero_shot_rows(reports: Sequence[EvalReport]) -> list[list[str]]:
+    rows = []
+    for name in _ordered_unique(t.name for r in reports if r.zero_shot for t in r.zero_shot.tasks):
         cells = []
         for report in reports:
             score = report.zero_shot.score(name) if report.zero_shot else None
             cells.append(MISSING if score is None else _score_cell(score.acc, score.acc_norm))
-        add(f"{name} acc / acc_norm (%)", cells)
+        rows.append([f"{name} acc / acc_norm (%)", *cells])
     if any(r.zero_shot is not None and r.zero_shot.average is not None for r in reports):
-        add("average, acc_norm else acc (%)", [_average_cell(r, "average") for r in reports])
-        add("average, acc (%)", [_average_cell(r, "average_acc") for r in reports])
+        rows.append(["average, acc_norm else acc (%)", *(_average_cell(r, "average") for r in reports)])
+        rows.append(["average, acc (%)", *(_average_cell(r, "average_acc") for r in reports)])
+    return rows
 
-    first_speed = first.speed
-    if any(r.speed is not None for r in reports):
-        add("prefill (tokens/s)", [_speed_cell(r, "prefill_tokens_per_s", None) for r in reports])
-        add("decode (tokens/s)", [_speed_cell(r, "decode_tokens_per_s", None) for r in reports])
-        add("generate (s)", [_speed_cell(r, "generate_seconds", first_speed) for r in reports])
-        add(
+
+def _speed_rows(reports: Sequence[EvalReport]) -> list[list[str]]:
+    if not any(r.speed is not None for r in reports):
+        return []
+    first_speed = reports[0].speed
+    first_peak = first_speed.peak_memory_bytes if first_speed else None
+    return [
+        ["prefill (tokens/s)", *(_speed_cell(r, "prefill_tokens_per_s", None) for r in reports)],
+        ["decode (tokens/s)", *(_speed_cell(r, "decode_tokens_per_s", None) for r in reports)],
+        ["generate (s)", *(_speed_cell(r, "generate_seconds", first_speed) for r in reports)],
+        [
             "peak memory",
-            [
+            *(
                 MISSING
                 if r.speed is None
-                else format_bytes(r.speed.peak_memory_bytes)
-                + _relative(r.speed.peak_memory_bytes, first_speed.peak_memory_bytes if first_speed else None)
+                else format_bytes(r.speed.peak_memory_bytes) + _relative(r.speed.peak_memory_bytes, first_peak)
                 for r in reports
-            ],
-        )
-
-    parts = [markdown_table(header, rows), ""]
-    parts += _compare_notes(reports)
-    return "\n".join(parts)
+            ),
+        ],
+    ]
 
 
 def _column_name(report: EvalReport, index: int) -> str:

@@ -99,6 +99,55 @@ class _StepClock:
         return scores
 
 
+class _Timer:
+    """Times one prefill forward and one greedy generation of ``model`` on a fixed random prompt."""
+
+    def __init__(self, model: Any, target: torch.device, batch_size: int, prompt_tokens: int, gen_tokens: int,
+                 seed: int) -> None:
+        from transformers import GenerationConfig
+
+        self.model, self.target = model, target
+        generator = torch.Generator().manual_seed(seed)
+        vocab = int(model.config.vocab_size)
+        self.prompt = torch.randint(0, vocab, (batch_size, prompt_tokens), generator=generator).to(target)
+        self.attention_mask = torch.ones_like(self.prompt)
+        self.config = GenerationConfig(
+            max_new_tokens=gen_tokens,
+            min_new_tokens=gen_tokens,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            pad_token_id=0,
+            eos_token_id=model.config.eos_token_id,
+        )
+
+    def prefill(self) -> float:
+        """Seconds of one forward over the prompt."""
+        _synchronize(self.target)
+        start = time.perf_counter()
+        self.model(input_ids=self.prompt, attention_mask=self.attention_mask, use_cache=False)
+        _synchronize(self.target)
+        return time.perf_counter() - start
+
+    def generate(self) -> tuple[float, float, int]:
+        """Seconds of the whole generation, seconds of its decode steps, and the new tokens produced."""
+        from transformers import LogitsProcessorList
+
+        clock = _StepClock(self.target)
+        _synchronize(self.target)
+        start = time.perf_counter()
+        output = self.model.generate(
+            input_ids=self.prompt,
+            attention_mask=self.attention_mask,
+            generation_config=self.config,
+            logits_processor=LogitsProcessorList([clock]),
+        )
+        _synchronize(self.target)
+        total = time.perf_counter() - start
+        decode = clock.stamps[-1] - clock.stamps[0]  # the N - 1 steps after the first token
+        return total, decode, int(output.shape[1] - self.prompt.shape[1])
+
+
 @torch.no_grad()
 def measure_speed(
     model: Any,
@@ -116,8 +165,6 @@ def measure_speed(
     device: where the prompt is placed; default the device of the model's first parameter. The model
     must already be there (one code path for CPU and CUDA).
     """
-    from transformers import GenerationConfig, LogitsProcessorList
-
     if prompt_tokens < 1 or gen_tokens < 2 or runs < 1 or warmup < 0 or batch_size < 1:
         raise ConfigError(
             "speed needs prompt_tokens >= 1, gen_tokens >= 2, runs >= 1, warmup >= 0, batch_size >= 1; got "
@@ -125,57 +172,19 @@ def measure_speed(
         )
     first = next(model.parameters())
     target = torch.device(device) if device is not None else first.device
-    vocab = int(model.config.vocab_size)
-    generator = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, vocab, (batch_size, prompt_tokens), generator=generator).to(target)
-    attention_mask = torch.ones_like(prompt)
-    config = GenerationConfig(
-        max_new_tokens=gen_tokens,
-        min_new_tokens=gen_tokens,
-        do_sample=False,
-        num_beams=1,
-        use_cache=True,
-        pad_token_id=0,
-        eos_token_id=model.config.eos_token_id,
-    )
+    timer = _Timer(model, target, batch_size, prompt_tokens, gen_tokens, seed)
 
     was_training = model.training
     model.eval()
     if target.type == "cuda":
         torch.cuda.reset_peak_memory_stats(target)
-
-    def prefill() -> float:
-        _synchronize(target)
-        start = time.perf_counter()
-        model(input_ids=prompt, attention_mask=attention_mask, use_cache=False)
-        _synchronize(target)
-        return time.perf_counter() - start
-
-    def generate() -> tuple[float, float, int]:
-        clock = _StepClock(target)
-        _synchronize(target)
-        start = time.perf_counter()
-        output = model.generate(
-            input_ids=prompt,
-            attention_mask=attention_mask,
-            generation_config=config,
-            logits_processor=LogitsProcessorList([clock]),
-        )
-        _synchronize(target)
-        total = time.perf_counter() - start
-        decode = clock.stamps[-1] - clock.stamps[0]  # the N - 1 steps after the first token
-        return total, decode, int(output.shape[1] - prompt.shape[1])
-
     try:
-        prefill_times = _repeat(prefill, runs, warmup, "prefill", progress)
-        generations = _repeat(generate, runs, warmup, "generate", progress)
+        prefill_times = _repeat(timer.prefill, runs, warmup, "prefill", progress)
+        generations = _repeat(timer.generate, runs, warmup, "generate", progress)
     finally:
         model.train(was_training)
 
-    if target.type == "cuda":
-        peak, note = int(torch.cuda.max_memory_allocated(target)), CUDA_PEAK_NOTE
-    else:
-        peak, note = cpu_peak_rss_bytes(), CPU_PEAK_NOTE
+    peak, note = _peak_memory(target)
     generated = {count for _, _, count in generations}
     if generated != {gen_tokens}:
         logger.warning("generate() produced %s new tokens instead of %d", sorted(generated), gen_tokens)
@@ -202,6 +211,13 @@ def measure_speed(
         peak_memory_bytes=peak,
         peak_memory_note=note,
     )
+
+
+def _peak_memory(target: torch.device) -> tuple[int, str]:
+    """Peak memory in bytes since the reset (CUDA) or of the process's life (CPU), and what it counts."""
+    if target.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(target)), CUDA_PEAK_NOTE
+    return cpu_peak_rss_bytes(), CPU_PEAK_NOTE
 
 
 def _repeat(measure: Callable[[], Any], runs: int, warmup: int, name: str, progress: bool) -> list[Any]:
