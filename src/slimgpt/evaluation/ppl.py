@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from slimgpt.data import eval_windows
 from slimgpt.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -164,8 +165,6 @@ def evaluate_perplexity(
 
     The window is clipped to the model's context when that is shorter, and the protocol says so.
     """
-    from slimgpt.data import eval_windows  # the data layer pulls in `datasets`; only needed here
-
     used, protocol = window_protocol(seqlen, model_context(model))
     if used != seqlen:
         logger.warning("%s: model context is %d tokens; evaluating %s", dataset, used, protocol)

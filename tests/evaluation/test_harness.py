@@ -23,7 +23,7 @@ from slimgpt.evaluation import EvalReport, compare, evaluate_model, load_tasks, 
 
 pytest.importorskip("lm_eval")
 
-TASK_DATA = Path(__file__).parent / "assets" / "eval_task" / "next_letter.jsonl"
+TASK_DATA = Path(__file__).resolve().parents[1] / "assets" / "eval_task" / "next_letter.jsonl"
 WORDS = ["<unk>", "</s>", "Letters", ":", "Next", *string.ascii_lowercase]
 
 TASK_YAML = """\

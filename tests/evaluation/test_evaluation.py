@@ -9,13 +9,13 @@ import argparse
 import json
 import math
 import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import slimgpt.evaluation.ppl as ppl_module
 from slimgpt.cli import add_subcommands as register
 from slimgpt.errors import ConfigError, DataError, SlimGPTError
 from slimgpt.evaluation import (
@@ -116,7 +116,7 @@ def test_evaluate_perplexity_uses_data_windows_at_the_clipped_length(
         return random_windows(3, seqlen)
 
     # slimgpt.data is another module's job; stand in for it so this test checks only the wiring.
-    monkeypatch.setitem(sys.modules, "slimgpt.data", types.SimpleNamespace(eval_windows=eval_windows))
+    monkeypatch.setattr(ppl_module, "eval_windows", eval_windows)
     result = evaluate_perplexity(model, tokenizer=None, dataset="builtin", seqlen=2048, max_windows=3)
     assert calls == [("builtin", 64, 3)]  # the model has a 64-token context
     assert result.seqlen == 64 and result.n_windows == 3 and result.n_tokens == 3 * 63
