@@ -1,4 +1,4 @@
-"""Does llama.cpp run a slimgpt GGUF export like PyTorch runs the pruned model? (issue 7)
+"""Does llama.cpp run a slimgpt GGUF export like PyTorch runs the pruned model?
 
 Exports MODEL (a folder written by `slimgpt prune`, or a dense folder / built-in name) to GGUF for each
 --outtypes, evaluates the same token windows with PyTorch (float32, slimgpt.load_pruned) and with

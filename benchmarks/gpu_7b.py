@@ -1,4 +1,4 @@
-"""Pruning time and peak GPU memory on a LLaMA-7B-shaped model, against the paper's Table 3 (issue 6).
+"""Pruning time and peak GPU memory on a LLaMA-7B-shaped model, against the paper's Table 3.
 
 SlimGPT's Table 3 reports, for LLaMA-7B with 256 x 2048 C4 calibration tokens on one A100: 678 s at 20%,
 1074 s at 50%, and a 7.4 GB peak. Time and memory do not depend on the weights' values, so this builds

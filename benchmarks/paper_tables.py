@@ -1,4 +1,4 @@
-"""Rerun the SlimGPT paper's experiments on slimgpt's built-in reference models (issue 5).
+"""Rerun the SlimGPT paper's experiments on slimgpt's built-in reference models.
 
     python benchmarks/paper_tables.py                          # all tables, tiny-mha and tiny-gqa
     python benchmarks/paper_tables.py --tables 5,6 --models tiny-mha

@@ -1,4 +1,4 @@
-"""End-to-end pruning time against the calibration forward passes alone (issue 6).
+"""End-to-end pruning time against the calibration forward passes alone.
 
 The pruning driver makes three passes over the calibration tokens per layer and solves two OBS problems.
 Pass 1 runs the dense attention half up to o_proj (o_proj's input Hessian; those inputs are kept);

@@ -1,4 +1,4 @@
-"""The reference report (issue 4): tiny-mha dense against SlimGPT at 20% and 50%, with the paper's figures.
+"""The reference report: tiny-mha dense against SlimGPT at 20% and 50%, with the paper's figures.
 
     python benchmarks/report_reference.py                     # docs/results/reference_report.md + PNGs
     python benchmarks/report_reference.py --quick --out /tmp/report

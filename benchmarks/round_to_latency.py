@@ -1,4 +1,4 @@
-"""Latency of pruned models with and without hardware-friendly FFN widths (issue 7, ``--round-to``).
+"""Latency of pruned models with and without hardware-friendly FFN widths (``--round-to``).
 
 Prunes the reference model at the given ratio with ``--round-to N`` for each N, then times prefill and
 decode with ``slimgpt.evaluation.speed.measure_speed`` (greedy, fixed token counts, mean of runs after a

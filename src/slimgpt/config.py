@@ -19,7 +19,7 @@ SOLVERS = ("fast", "reference")
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """Everything that decides a pruning run. Defaults are the paper's (method spec section 9).
+    """Everything that decides a pruning run. Defaults are the paper's (docs/paper.md section 9).
 
     ratio: fraction of decoder-layer parameters to remove (embeddings and lm_head excluded).
     schedule / first_ratio / first_fraction: the per-layer ratio schedule; r_0 = first_ratio, or
