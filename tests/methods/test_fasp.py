@@ -97,7 +97,8 @@ def test_fasp_score_is_the_column_sum_of_wanda_scores() -> None:
     W, X = torch.randn(5, 6, dtype=torch.float64), torch.randn(40, 6, dtype=torch.float64)
     diagonal = 2 * X.square().mean(0)  # diag(H) of InputStatistics: 2 E[x^2]
     units = torch.arange(6).view(3, 2)
-    expected = torch.tensor([sum(abs(W[i, j]) * X[:, j].norm() for i in range(5) for j in unit) for unit in units.tolist()])
+    expected = torch.tensor([sum(abs(W[i, j]) * X[:, j].norm() for i in range(5) for j in unit)
+                             for unit in units.tolist()])
     assert _close(fasp_scores(W, diagonal, 40, units), expected.to(torch.float64), 1e-12)
 
 

@@ -33,8 +33,8 @@ def restore_least_squares(weight: torch.Tensor, hessian: torch.Tensor, keep: tor
     ([|M|], long) or a [d_in] boolean mask. ``lam = damp * mean(diag(H))``, the scale of SlimGPT's
     ``--percdamp``. A dead input (H_jj = 0: always zero on the calibration data) gets H_jj = 1 and a zero
     weight column first, as in slimgpt.solver.hessian.prepare_hessian (the column cannot matter on the
-    calibration data), so its restored weight is zero and H_MM stays definite without damping. Solved in float64 with a Cholesky factor (no explicit inverse); returns
-    [d_out, d_in] in W's dtype, on W's device.
+    calibration data), so its restored weight is zero and H_MM stays definite without damping. Solved in
+    float64 with a Cholesky factor (no explicit inverse); returns [d_out, d_in] in W's dtype, on W's device.
     """
     d_in = weight.shape[1]
     if hessian.shape != (d_in, d_in):
