@@ -184,3 +184,20 @@ def test_cli_prunes_with_fasp_and_the_output_reloads(tmp_path) -> None:  # type:
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert reloaded(torch.arange(16).view(1, -1)).logits.isfinite().all()
     assert "(fasp)" in (out / "README.md").read_text()
+    assert main(["eval", str(out), "--ppl", "builtin", "--seqlens", "128", "--max-windows", "2",
+                 "--device", "cpu"]) == 0
+
+
+def test_streaming_gives_the_in_memory_model(tmp_path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    from slimgpt.streaming import stream_prune
+
+    dense = tmp_path / "dense"
+    make_model("llama").save_pretrained(dense, max_shard_size="50KB")
+    tokenizer.save_pretrained(dense)
+    config = _config(ratio=0.3)
+    model = AutoModelForCausalLM.from_pretrained(dense).eval()
+    report = prune_model(model, config, calibration(), progress=False)
+    result = stream_prune(dense, config, tmp_path / "stream", calibration(), progress=False)
+    streamed = AutoModelForCausalLM.from_pretrained(result.output).eval()
+    assert [r.kept_heads for r in result.report.layers] == [r.kept_heads for r in report.layers]
+    assert _close(streamed(probe()).logits, model(probe()).logits, 1e-6)
