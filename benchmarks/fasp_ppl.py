@@ -3,7 +3,7 @@ perplexity (512-token windows of the built-in eval split) and prune time. ``fasp
 ridge form of the restoration (damping H[M, M] only, slimgpt.solver.restore), for the choice docs/method.md
 explains.
 
-    python benchmarks/fasp_ppl.py --nsamples 32 --out docs/results/fasp.json
+    python benchmarks/fasp_ppl.py --nsamples 32 --max-windows 40 --out docs/results/fasp.json
 """
 
 from __future__ import annotations
@@ -48,13 +48,14 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.2,0.5")
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--max-windows", type=int, default=40, help="held-out 512-token windows (171 in all)")
     parser.add_argument("--out", type=Path, default=Path("docs/results/fasp.json"))
     args = parser.parse_args()
     results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
     for model_name in args.models.split(","):
         dense, tokenizer = load_model(model_name, dtype=torch.float32)
         calibration = calibration_windows(tokenizer, "builtin", args.nsamples, args.seqlen, seed=0)
-        held_out = eval_windows(tokenizer, "builtin", 512)
+        held_out = eval_windows(tokenizer, "builtin", 512, args.max_windows)
         if f"{model_name}|dense" not in results:
             results[f"{model_name}|dense"] = {"params": sum(p.numel() for p in dense.parameters()),
                                               "ppl512": perplexity(dense, held_out, batch_size=4, progress=False)}
