@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -67,12 +66,12 @@ def _config_from(args: argparse.Namespace) -> PruneConfig:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from slimgpt.models.slim import load_model
+    from slimgpt.preflight import check_prune
     from slimgpt.prune import prune_model
-    from slimgpt.saving import check_checkpoint, check_output, save_pruned
+    from slimgpt.saving import remove_checkpoint, save_pruned
 
     config = _config_from(args)  # validates every option before any work
-    output = check_output(args.output, args.overwrite)
-    checkpoint = check_checkpoint(output, args.checkpoint_dir, args.resume)
+    output, checkpoint, lock = check_prune(args, config)  # every check, then the output's lock
     if args.stream:  # one decoder layer in memory at a time (slimgpt.streaming)
         from slimgpt.streaming import stream_prune
 
@@ -85,7 +84,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         report = prune_model(model, config, tokenizer=tokenizer, checkpoint_dir=checkpoint, resume=args.resume,
                              model_name=args.model)
         save_pruned(model, tokenizer, report, output, overwrite=args.overwrite)
-    shutil.rmtree(checkpoint, ignore_errors=True)
+    remove_checkpoint(checkpoint)  # only a folder slimgpt marked as its checkpoint
+    lock.release()
     if args.json:
         Path(args.json).write_text(report.to_json())
     print(report.to_markdown())

@@ -45,6 +45,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import slimgpt.data as data_sources
+from slimgpt._util.files import write_checkpoint_marker
+from slimgpt._util.validate import check_field_types
 from slimgpt._util.versions import versions
 from slimgpt.errors import ConfigError, DataError
 from slimgpt.models.families import get_adapter
@@ -108,7 +110,10 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         # Lists (from JSON or a caller) become tuples so the config stays hashable and comparable.
+        if not isinstance(self.lora_targets, list | tuple) or not all(isinstance(t, str) for t in self.lora_targets):
+            raise ConfigError(f"--lora-targets {self.lora_targets!r} is not a list of names: pass roles or modules")
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        check_field_types(self, {"max_steps": int})  # types, and finite numbers (slimgpt._util.validate)
         if not str(self.data).strip():
             raise ConfigError("--data is empty: pass alpaca, gpt4-alpaca, builtin or a local .jsonl/.txt path")
         for name in ("lora_rank", "lora_alpha", "batch_size", "micro_batch_size", "checkpoint_every"):
@@ -547,6 +552,7 @@ class _Checkpoint:
             save_file(tensors, str(tmp / "optimizer.safetensors"))
             save_file(_rng_state(self.device), str(tmp / "rng.safetensors"))
             (tmp / "state.json").write_text(json.dumps(state | {"param_groups": optimizer_state["param_groups"]}))
+            write_checkpoint_marker(tmp)  # only marked folders are ever deleted
 
         write_atomic_dir(self.directory, fill, overwrite=True)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 from pathlib import Path
 
 import torch
@@ -89,11 +88,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     from slimgpt.finetune import check_data_source, finetune, load_training_data, save_finetuned
     from slimgpt.models.slim import load_model, resolve_model_path
-    from slimgpt.saving import check_checkpoint, check_output
+    from slimgpt.preflight import check_finetune
+    from slimgpt.saving import remove_checkpoint
 
     config = config_from(args)  # validates every option before any work
-    output = check_output(args.output, args.overwrite)
-    checkpoint = check_checkpoint(output, args.checkpoint_dir, args.resume)
+    output, checkpoint, lock = check_finetune(args, config.device)  # every path check, then the output's lock
     check_data_source(config.data)
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise SlimGPTError(f"--device {config.device} but no CUDA device is available: pass --device cpu")
@@ -113,7 +112,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                       resume=args.resume, model_name=args.model)
     model.to(device="cpu", dtype=saved_dtype)
     save_finetuned(model, tokenizer, report, output, source=source, overwrite=args.overwrite)
-    shutil.rmtree(checkpoint, ignore_errors=True)
+    remove_checkpoint(checkpoint)  # only a folder slimgpt marked as its checkpoint
+    lock.release()
     if args.json:
         Path(args.json).write_text(report.to_json())
     print(report.to_markdown())
