@@ -202,8 +202,9 @@ def check_paths(args: Any, device: str) -> tuple[Path, Path]:
     """The path checks every model-writing command shares (output, checkpoint, JSON, device)."""
     check_device(device)
     output = check_output(args.output, args.overwrite)
+    given = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+    check_distinct(args.model, output, given, getattr(args, "json", None))
     checkpoint = check_checkpoint(output, args.checkpoint_dir, args.resume)
-    check_distinct(args.model, output, checkpoint, getattr(args, "json", None))
     check_json_path(getattr(args, "json", None))
     return output, checkpoint
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import uuid
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
@@ -210,7 +211,7 @@ class OutputLock:
                 handle.write(self.token)
             self.held = True
             OutputLock._held.add(self.token)
-            atexit.register(self.release)
+            atexit.register(_release_at_exit, weakref.ref(self))  # a weak reference: collecting it releases too
             return self
         raise OutputExistsError(f"cannot take the lock {self.path}: delete it and run again")
 
@@ -234,6 +235,12 @@ class OutputLock:
 
     def __del__(self) -> None:
         self.release()
+
+
+def _release_at_exit(reference: weakref.ReferenceType[OutputLock]) -> None:
+    lock = reference()
+    if lock is not None:
+        lock.release()
 
 
 def remove_stale_partials(output: Path) -> list[Path]:
