@@ -24,7 +24,7 @@ LAYERS = {
     "slimgpt.corpus": 2,
     "slimgpt.layerwise": 3,
     "slimgpt.methods": 4,
-    "slimgpt.prune": 5, "slimgpt.streaming": 5,
+    "slimgpt.prune": 5, "slimgpt.streaming": 5, "slimgpt.preflight": 5,
     "slimgpt.evaluation": 6, "slimgpt.export": 6, "slimgpt.finetune": 6,
     "slimgpt.cli": 7, "slimgpt.__main__": 7,
     "slimgpt": 8,  # the package's public API imports everything

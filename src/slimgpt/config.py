@@ -6,6 +6,9 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+import torch
+
+from slimgpt._util.validate import check_field_types
 from slimgpt.errors import ConfigError
 from slimgpt.solver.schedule import SCHEDULES
 from slimgpt.solver.structured import GROUP_SCHEDULES
@@ -65,6 +68,14 @@ class PruneConfig:
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
+        check_field_types(self, {"first_ratio": float})
+        if not self.calib.strip():
+            raise ConfigError("--calib is empty: pass c4, wikitext2, ptb, alpaca, gpt4-alpaca, builtin or a local path")
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise ConfigError(f"--device {self.device!r} is not a torch device: use cpu, cuda or cuda:N") from None
+
         def choice(name: str, options: tuple[str, ...]) -> None:
             value = getattr(self, name)
             if value not in options:

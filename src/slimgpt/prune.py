@@ -27,8 +27,8 @@ from slimgpt.config import PruneConfig
 from slimgpt.data import calibration_windows
 from slimgpt.errors import ConfigError, DataError
 from slimgpt.layerwise.capture import Activations, capture_layer_inputs
-from slimgpt.layerwise.checkpoint import Checkpoint
-from slimgpt.layerwise.run import LayerHooks, LayerLoop, RunTotals, assemble_report, run_layers
+from slimgpt.layerwise.checkpoint import Checkpoint, run_fingerprint
+from slimgpt.layerwise.run import LayerHooks, LayerLoop, RunTotals, assemble_report, check_finite, run_layers
 from slimgpt.methods import LayerMethod, Method, ModelMethod, ModelRun, get_method
 from slimgpt.methods.base import LayerRun
 from slimgpt.models.adapters import LayerSizes, ModelAdapter
@@ -128,6 +128,7 @@ def _prune_layers(model: nn.Module, method: LayerMethod, config: PruneConfig, ca
     """The head/channel driver: plan, capture layer 0's inputs, prune layer by layer, report."""
     adapter = get_adapter(model.config)
     layers = adapter.decoder_layers(model)
+    check_finite(model, "the input model")  # what is in memory; streamed layers are checked as they load
     loop = LayerLoop(torch.device(config.device), desc=f"{config.method} layers", progress=options.progress,
                      hooks=options.layer_hooks, stop_after_layer=options.stop_after_layer)
     reset_peak_memory(loop.device)
@@ -138,6 +139,8 @@ def _prune_layers(model: nn.Module, method: LayerMethod, config: PruneConfig, ca
     checkpoint = Checkpoint(Path(options.checkpoint_dir)) if options.checkpoint_dir else None
     rows: list[LayerReport] = []
     hidden: torch.Tensor | None = None
+    if checkpoint is not None:
+        checkpoint.fingerprint = run_fingerprint(model, layers, layer_data)
     if checkpoint and options.resume and checkpoint.exists():
         rows, hidden = _resume(checkpoint, config, adapter, layers, loop)
     acts = _activations(model, adapter, config, layer_data, hidden, loop, first_layer=len(rows))

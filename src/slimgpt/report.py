@@ -28,6 +28,10 @@ class LayerReport:
     kept_heads: list[int] = field(default_factory=list)
     kept_channels: list[int] = field(default_factory=list)
     widths: list[int] = field(default_factory=list)  # SliceGPT: residual widths (input, middle, output)
+    # SlimGPT: the damping (x mean(diag(H))) o_proj's / down_proj's solve ended with: --percdamp, or
+    # higher where the Hessian was not positive definite and the damping was raised (solver/hessian.py)
+    attn_damping: float | None = None
+    ffn_damping: float | None = None
 
 
 @dataclass

@@ -6,11 +6,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from slimgpt._util.files import check_output, write_atomic_dir
-from slimgpt.errors import OutputExistsError
+import torch
+
+from slimgpt._util.files import check_output, is_checkpoint_dir, remove_checkpoint, write_atomic_dir
+from slimgpt.errors import NumericalError, OutputExistsError
 from slimgpt.report import PruneReport
 
-__all__ = ["check_checkpoint", "check_output", "load_report", "model_card", "save_pruned", "write_atomic_dir"]
+__all__ = ["check_checkpoint", "check_output", "load_report", "model_card", "remove_checkpoint", "save_pruned",
+           "write_atomic_dir"]
 
 
 def check_checkpoint(output: Path, checkpoint_dir: str | None, resume: bool) -> Path:
@@ -19,6 +22,11 @@ def check_checkpoint(output: Path, checkpoint_dir: str | None, resume: bool) -> 
     A leftover checkpoint means an earlier run stopped part-way: refuse to start over silently.
     """
     checkpoint = Path(checkpoint_dir) if checkpoint_dir else output.with_name(output.name + ".checkpoint")
+    if checkpoint.exists() and not checkpoint.is_dir():
+        raise OutputExistsError(f"--checkpoint-dir {checkpoint} is a file: pass a folder path")
+    if checkpoint.exists() and any(checkpoint.iterdir()) and not is_checkpoint_dir(checkpoint):
+        raise OutputExistsError(f"{checkpoint} is not a slimgpt checkpoint folder (it holds other files, which a "
+                                "finished run would delete): pass a new --checkpoint-dir")
     if checkpoint.exists() and not resume:
         raise OutputExistsError(f"a checkpoint of an earlier run is at {checkpoint}: pass --resume to continue it, "
                                 "or delete it to start over")
@@ -78,6 +86,11 @@ The full report is in `slimgpt_report.json`.
 
 def save_pruned(model: Any, tokenizer: Any, report: PruneReport, output: str | Path, overwrite: bool = False) -> Path:
     """Write the pruned model (safetensors), tokenizer, report JSON and model card, atomically."""
+
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NumericalError(f"the pruned model has non-finite values in {name}: nothing was saved; use more "
+                                 "calibration data (--nsamples) or a larger --percdamp")
 
     def fill(directory: Path) -> None:
         model.save_pretrained(directory, safe_serialization=True)

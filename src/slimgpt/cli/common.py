@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -110,9 +109,13 @@ def check_output_file(path: Path, flag: str) -> None:
 # ----------------------------------------------------------------------------------------- running a command
 
 
-def finish_saved(report: Any, output: Path, checkpoint: Path, json_path: str | None) -> None:
-    """After a model was saved: drop the checkpoint, write the report JSON if asked, print the report."""
-    shutil.rmtree(checkpoint, ignore_errors=True)
+def finish_saved(report: Any, output: Path, checkpoint: Path, json_path: str | None, lock: Any) -> None:
+    """After a model was saved: drop the checkpoint (only a folder slimgpt marked as its own), release the
+    output's lock, write the report JSON if asked, print the report."""
+    from slimgpt.saving import remove_checkpoint
+
+    remove_checkpoint(checkpoint)
+    lock.release()
     if json_path:
         Path(json_path).write_text(report.to_json())
     print(report.to_markdown())

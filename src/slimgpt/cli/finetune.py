@@ -94,11 +94,10 @@ def load_tokenizer(source: str, model: str, trust_remote_code: bool) -> Any:
 def run(args: argparse.Namespace) -> int:
     from slimgpt.finetune import check_data_source, finetune, load_training_data, save_finetuned
     from slimgpt.models.slim import load_model, resolve_model_path
-    from slimgpt.saving import check_checkpoint, check_output
+    from slimgpt.preflight import check_finetune
 
     config = config_from(args)  # validates every option before any work
-    output = check_output(args.output, args.overwrite)
-    checkpoint = check_checkpoint(output, args.checkpoint_dir, args.resume)
+    output, checkpoint, lock = check_finetune(args, config.device)  # every path check, then the output's lock
     check_data_source(config.data)
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise SlimGPTError(f"--device {config.device} but no CUDA device is available: pass --device cpu")
@@ -113,5 +112,5 @@ def run(args: argparse.Namespace) -> int:
                       resume=args.resume, model_name=args.model)
     model.to(device="cpu", dtype=saved_dtype)
     save_finetuned(model, tokenizer, report, output, source=source, overwrite=args.overwrite)
-    common.finish_saved(report, output, checkpoint, args.json)
+    common.finish_saved(report, output, checkpoint, args.json, lock)
     return 0

@@ -94,12 +94,12 @@ def config_from(args: argparse.Namespace) -> PruneConfig:
 
 def run(args: argparse.Namespace) -> int:
     from slimgpt.models.slim import load_model
+    from slimgpt.preflight import check_prune
     from slimgpt.prune import prune_model
-    from slimgpt.saving import check_checkpoint, check_output, save_pruned
+    from slimgpt.saving import save_pruned
 
     config = config_from(args)  # validates every option before any work
-    output = check_output(args.output, args.overwrite)
-    checkpoint = check_checkpoint(output, args.checkpoint_dir, args.resume)
+    output, checkpoint, lock = check_prune(args, config)  # every check, then the output's lock
     if args.stream:  # one decoder layer in memory at a time (slimgpt.streaming)
         from slimgpt.streaming import stream_prune
 
@@ -112,5 +112,5 @@ def run(args: argparse.Namespace) -> int:
         report = prune_model(model, config, tokenizer=tokenizer, checkpoint_dir=checkpoint, resume=args.resume,
                              model_name=args.model)
         save_pruned(model, tokenizer, report, output, overwrite=args.overwrite)
-    common.finish_saved(report, output, checkpoint, args.json)
+    common.finish_saved(report, output, checkpoint, args.json, lock)
     return 0

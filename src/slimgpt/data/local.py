@@ -42,7 +42,10 @@ def read_local(path: Path) -> list[str]:
         if file.suffix.lower() == ".jsonl":
             documents.extend(_read_jsonl(file))
         else:
-            documents.append(file.read_text(encoding="utf-8", errors="replace"))
+            text = file.read_text(encoding="utf-8", errors="replace")
+            if text.count("\ufffd") > max(16, len(text) // 100):  # binary or another encoding, not text
+                raise DataError(f"{file} is not UTF-8 text (over 1% undecodable bytes): pass plain text files")
+            documents.append(text)
     logger.info("read %d documents from %s", len(documents), path)
     return documents
 

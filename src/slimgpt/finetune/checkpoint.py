@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from slimgpt._util.files import write_atomic_dir
+from slimgpt._util.files import write_atomic_dir, write_checkpoint_marker
 from slimgpt.errors import ConfigError, DataError
 from slimgpt.finetune.config import RESUME_FREE_OPTIONS, FinetuneConfig
 
@@ -39,6 +39,7 @@ class TrainingCheckpoint:
             save_file(tensors, str(tmp / "optimizer.safetensors"))
             save_file(_rng_state(self.device), str(tmp / "rng.safetensors"))
             (tmp / "state.json").write_text(json.dumps(state | {"param_groups": optimizer_state["param_groups"]}))
+            write_checkpoint_marker(tmp)  # only marked folders are ever deleted
 
         write_atomic_dir(self.directory, fill, overwrite=True)
 

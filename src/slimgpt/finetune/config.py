@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from slimgpt._util.validate import check_field_types
 from slimgpt.errors import ConfigError
 
 FINETUNE_CONFIG_VERSION = 1
@@ -61,7 +62,10 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         # Lists (from JSON or a caller) become tuples so the config stays hashable and comparable.
+        if not isinstance(self.lora_targets, list | tuple) or not all(isinstance(t, str) for t in self.lora_targets):
+            raise ConfigError(f"--lora-targets {self.lora_targets!r} is not a list of names: pass roles or modules")
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        check_field_types(self, {"max_steps": int})  # types, and finite numbers (slimgpt._util.validate)
         if not str(self.data).strip():
             raise ConfigError("--data is empty: pass alpaca, gpt4-alpaca, builtin or a local .jsonl/.txt path")
         self._check_sizes()

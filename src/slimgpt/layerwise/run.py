@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from slimgpt._util.timing import Stopwatch, peak_memory
 from slimgpt._util.versions import versions
 from slimgpt.config import PruneConfig
+from slimgpt.errors import NumericalError
 from slimgpt.models.geometry import total_params
 from slimgpt.report import LayerReport, PruneReport
 
@@ -64,10 +65,12 @@ def run_layers(layers: Sequence[nn.Module] | nn.ModuleList, rows: list[LayerRepo
         layer = layers[index]
         if loop.hooks is not None:
             loop.hooks.before(index, layer)
+        check_finite(layer, f"layer {index} of the input model")
         home = next(layer.parameters()).device
         layer.to(loop.device)
         row = step(index, layer)
         layer.to(home)
+        check_finite(layer, f"layer {index} after pruning", after=True)
         row.seconds = time.perf_counter() - start
         row.peak_memory_bytes = peak_memory(loop.device)
         rows.append(row)
@@ -78,6 +81,17 @@ def run_layers(layers: Sequence[nn.Module] | nn.ModuleList, rows: list[LayerRepo
         if loop.stop_after_layer is not None and index >= loop.stop_after_layer:
             break
     return rows
+
+
+def check_finite(module: nn.Module, what: str, after: bool = False) -> None:
+    """Refuse NaN / inf weights (in memory; ``meta`` tensors are skipped) with their own message."""
+    for name, tensor in module.state_dict().items():
+        if tensor.device.type != "meta" and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if after:
+                raise NumericalError(f"pruning produced non-finite values in {name} of {what}: nothing was saved; "
+                                     "use more calibration data (--nsamples) or a larger --percdamp")
+            raise NumericalError(f"{what} has non-finite weights (NaN or inf) in {name}: the model is damaged; "
+                                 "use an intact copy of it")
 
 
 def runtime_versions() -> dict[str, str]:

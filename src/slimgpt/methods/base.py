@@ -218,6 +218,8 @@ class _Outcome:
     def record(self, row: LayerReport, prefix: str) -> None:
         """Layer-wise output error with the method's weights and with plain dropping (needs the full H)."""
         stats, removed = self.stats, self.decision.removed_units
+        if "damping" in self.decision.info:  # the damping the solve ended with (raised when H was not PD)
+            setattr(row, f"{prefix}_damping", self.decision.info["damping"])
         if stats is None or not stats.full or not stats.tokens or not removed:
             return
         dropped = self.dense.clone()

@@ -35,7 +35,7 @@ from torch import nn
 from slimgpt._util.timing import Stopwatch, reset_peak_memory
 from slimgpt.config import PruneConfig
 from slimgpt.layerwise.capture import capture_layer_inputs, run_batches
-from slimgpt.layerwise.checkpoint import Checkpoint
+from slimgpt.layerwise.checkpoint import Checkpoint, run_fingerprint
 from slimgpt.layerwise.run import LayerLoop, RunTotals, assemble_report, run_layers
 from slimgpt.methods.base import ModelMethod, ModelRun, register
 from slimgpt.models.adapters import ModelAdapter
@@ -83,6 +83,8 @@ class SliceGPTMethod(ModelMethod):
         totals = RunTotals(decoder_params(model, adapter), total_params(model))
         layer_before = [layer_params(layer) for layer in layers]
         checkpoint = Checkpoint(Path(run.checkpoint_dir), stream_name="stream") if run.checkpoint_dir else None
+        if checkpoint is not None:
+            checkpoint.fingerprint = run_fingerprint(model, layers, calibration)
         stream = _Stream(model, adapter, config, loop, dims)
         rows: list[LayerReport] = []
         _untie_head(model)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from slimgpt.methods.base import Decision, LayerMethod, PruneJob, register
-from slimgpt.solver.hessian import prepare_hessian
+from slimgpt.solver.hessian import prepare_hessian, with_escalating_damping
 from slimgpt.solver.obs import make_solver
 from slimgpt.solver.structured import greedy_remove_units, group_sizes, remove_channels
 
@@ -22,27 +22,38 @@ class SlimGPTMethod(LayerMethod):
     help = "SlimGPT: OBS-compensated head and FFN-channel removal (the default)"
     needs_hessian = True
 
-    def _solver(self, job: PruneJob) -> Any:
+    def _solver(self, job: PruneJob, damping: float) -> Any:
         assert job.stats is not None
         weight = job.weight.clone()
-        H = prepare_hessian(job.stats.hessian, weight, self.config.percdamp)
+        H = prepare_hessian(job.stats.hessian, weight, damping)
         return make_solver(self.config.solver, weight, H, self.config.compensate)
 
     def prune_attention(self, job: PruneJob) -> Decision:
         if job.rounds == 0:
             return Decision([], job.weight)
-        solver = self._solver(job)
-        removed = greedy_remove_units(solver, job.units, job.rounds, job.buckets, self.config.head_score)
-        return Decision(removed, solver.weight)
+
+        def attempt(damping: float) -> Decision:
+            solver = self._solver(job, damping)
+            removed = greedy_remove_units(solver, job.units, job.rounds, job.buckets, self.config.head_score)
+            return Decision(removed, solver.weight)
+
+        decision, damping = with_escalating_damping(attempt, self.config.percdamp, f"o_proj of layer {job.layer}")
+        decision.info["damping"] = damping
+        return decision
 
     def prune_ffn(self, job: PruneJob) -> Decision:
         if job.rounds == 0:
             return Decision([], job.weight)
-        solver = self._solver(job)
         c = self.config
         sizes = group_sizes(job.rounds, c.group_schedule, c.group_start, c.group_floor, c.group_fraction)
-        removed = remove_channels(solver, sizes)
-        return Decision(removed, solver.weight, info={"groups": float(len(sizes))})
+
+        def attempt(damping: float) -> Decision:
+            solver = self._solver(job, damping)
+            return Decision(remove_channels(solver, sizes), solver.weight, info={"groups": float(len(sizes))})
+
+        decision, damping = with_escalating_damping(attempt, c.percdamp, f"down_proj of layer {job.layer}")
+        decision.info["damping"] = damping
+        return decision
 
     def card_options(self, config: dict[str, Any]) -> str:
         return (f"head score {config.get('head_score')}, compensation {config.get('compensate')},\n"

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
 from slimgpt.errors import NumericalError
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MAX_DAMPING = 1.0  # x mean(diag(H)): the last damping tried before giving up
 
 
 class InputStatistics:
@@ -74,6 +79,9 @@ def prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor, percdamp: float
     W[:, j] = 0, as in the authors' code; they cost nothing to remove. Damping adds
     ``percdamp * mean(diag(H))`` to the diagonal.
     """
+    if not bool(torch.isfinite(hessian).all()):
+        raise NumericalError("the calibration activations are not finite (NaN or inf), so no damping can help: "
+                             "check the model's weights and the calibration data (--calib)")
     H = hessian.clone()
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
@@ -104,3 +112,28 @@ def damped_inverse(hessian: torch.Tensor, percdamp: float, max_tries: int = 6, w
         "the calibration activations are degenerate: use more or different calibration data "
         "(--nsamples, --calib) or a larger --percdamp"
     )
+
+
+def with_escalating_damping(attempt: Callable[[float], T], percdamp: float, what: str = "H",
+                            cap: float = MAX_DAMPING) -> tuple[T, float]:
+    """Run ``attempt(damping)`` from ``percdamp``; when it finds a Hessian not positive definite, raise
+    the damping tenfold (from 1e-3 when it was 0), log it, and retry, up to ``cap``.
+
+    Returns the result and the damping it ended with. Non-finite Hessians fail at once (prepare_hessian).
+    """
+    damping = percdamp
+    while True:
+        try:
+            return attempt(damping), damping
+        except NumericalError as error:
+            if "not finite" in str(error) or damping >= cap:
+                if damping > percdamp:
+                    raise NumericalError(
+                        f"the Hessian {what} is not positive definite even with damping {damping:.3g} x mean(diag(H)); "
+                        "the calibration activations are degenerate: use more or different calibration data "
+                        "(--nsamples, --calib)") from None
+                raise
+            raised = min(cap, damping * 10 if damping > 0 else 1e-3)
+            logger.warning("%s is not positive definite with damping %.3g; raising it to %.3g x mean(diag(H))",
+                           what, damping, raised)
+            damping = raised
