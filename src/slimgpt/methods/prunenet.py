@@ -8,7 +8,7 @@ forward pass of the LLM, no weight restoration, no heads removed: every layer ke
 solved so the decoder loses ``--ratio`` of its parameters (equal size with the other methods), so the
 pruned model keeps its family's stock config with ``intermediate_size`` (OPT: ``ffn_dim``) = that width.
 
-Four bugs of the authors' code (LCS2-IIITD/PruneNet, experiments/prunenet.py), fixed here:
+Four bugs of the authors' code, fixed here (docs/method.md, PruneNet):
 1. ``--num_episodes`` and ``--learning_rate_action`` have no ``type=``, so CLI values are strings
    (``range("20")`` fails): here they are typed constants (``EPISODES``, ``LEARNING_RATE``).
 2. ``clip_grad_norm_`` runs after ``optimizer.step()`` and ``zero_grad()``, so it clips nothing: here it
