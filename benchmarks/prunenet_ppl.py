@@ -1,7 +1,8 @@
 """PruneNet against magnitude and SlimGPT at equal decoder-parameter count on the built-in models.
 
 The protocol of ``ppl_sweep.py``: calibration 128 x 512 tokens of the built-in training split (seed 0;
-PruneNet and magnitude use none), held-out perplexity at 128- and 512-token windows. Results are cached
+PruneNet and magnitude use none), held-out perplexity at 128- and 512-token windows; ``--nsamples`` and
+``--max-windows`` shorten it (the numbers then are not those of ``ppl_sweep.py``). Results are cached
 in the JSON, so an interrupted run resumes; rows run cheapest first.
 
     python benchmarks/prunenet_ppl.py --out docs/results/prunenet
@@ -31,6 +32,9 @@ def main() -> None:
     parser.add_argument("--models", default="tiny-mha,tiny-gqa")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", type=Path, default=Path("docs/results/prunenet"))
+    parser.add_argument("--nsamples", type=int, default=128, help="calibration windows of 512 tokens (SlimGPT)")
+    parser.add_argument("--max-windows", type=int, default=0, help="first N held-out windows of 128 tokens (and "
+                        "N/4 of 512); 0: all")
     args = parser.parse_args()
     path = args.out.with_suffix(".json")
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
@@ -38,6 +42,8 @@ def main() -> None:
     for method in args.methods.split(","):
         for name, (dense, tokenizer) in loaded.items():
             short, full = eval_windows(tokenizer, "builtin", 128), eval_windows(tokenizer, "builtin", 512)
+            if args.max_windows:
+                short, full = short[:args.max_windows], full[:max(args.max_windows // 4, 1)]
 
             def evaluate(model: Any, short: torch.Tensor = short, full: torch.Tensor = full) -> dict[str, float]:
                 return {"ppl128": perplexity(model, short, batch_size=16, progress=False),
@@ -50,9 +56,9 @@ def main() -> None:
                 key = f"{name}|{method}|{ratio}"
                 if key in results:
                     continue
-                calibration = calibration_windows(tokenizer, "builtin", 128, 512, seed=0)
+                calibration = calibration_windows(tokenizer, "builtin", args.nsamples, 512, seed=0)
                 model = copy.deepcopy(dense)
-                config = PruneConfig(method=method, ratio=ratio, calib="builtin", nsamples=128, seqlen=512,
+                config = PruneConfig(method=method, ratio=ratio, calib="builtin", nsamples=args.nsamples, seqlen=512,
                                      batch_size=8)
                 start = time.perf_counter()
                 report = prune_model(model, config, calibration, tokenizer=tokenizer, progress=False)
