@@ -32,7 +32,7 @@ from slimgpt.layerwise.run import LayerHooks, LayerLoop, RunTotals, assemble_rep
 from slimgpt.methods import LayerMethod, Method, ModelMethod, ModelRun, get_method
 from slimgpt.methods.base import LayerRun
 from slimgpt.models.adapters import LayerSizes, ModelAdapter
-from slimgpt.models.families import get_adapter
+from slimgpt.models.families import family_row, get_adapter
 from slimgpt.models.geometry import decoder_params, total_params
 from slimgpt.models.slim import add_zero_bias, adopt_slim_config, slim_config_from
 from slimgpt.report import LayerReport, PruneReport
@@ -160,7 +160,7 @@ def _prune_layers(model: nn.Module, method: LayerMethod, config: PruneConfig, ca
 
     run_layers(layers, rows, loop, step, commit if checkpoint is not None and acts is not None else None)
     if options.compact and len(rows) == len(layers):
-        _adopt_slim_config(model, adapter, dense_output_biases)
+        _adopt_slim_config(model, adapter, dense_output_biases, method.stock_config)
     after = (decoder_params(model, adapter) if options.compact
              else totals.decoder_params_before - schedule.params_removed)
     summary = {"name": schedule.schedule, "high": schedule.high, "low": schedule.low,
@@ -231,8 +231,11 @@ def _output_biases(model: Any, adapter: ModelAdapter) -> list[bool]:
             for linear in (adapter.attn_output(layer), adapter.mlp_output(layer))]
 
 
-def _adopt_slim_config(model: Any, adapter: ModelAdapter, dense_output_biases: list[bool]) -> None:
+def _adopt_slim_config(model: Any, adapter: ModelAdapter, dense_output_biases: list[bool], stock: bool = False) -> None:
     """Give the pruned model its per-layer config and the matching slim class (same forward).
+
+    stock (the method's ``stock_config``): when every layer kept all its heads and the same FFN width, the
+    stock config is kept with that width as its FFN size (a plain ``LlamaConfig`` describes the model).
 
     If the method added an output bias the family does not build (FLAP on LLaMA), the config says so
     (``layer_output_bias``) and every layer gets both biases, so the saved weights match what it builds.
@@ -243,6 +246,11 @@ def _adopt_slim_config(model: Any, adapter: ModelAdapter, dense_output_biases: l
     added = any(now and not before for now, before in zip(_output_biases(model, adapter), dense_output_biases,
                                                           strict=True))
     output_bias = added or bool(getattr(old, "layer_output_bias", False))
+    heads = (old.num_attention_heads, getattr(old, "num_key_value_heads", None) or old.num_attention_heads)
+    if stock and not output_bias and not old.model_type.startswith("slimgpt_") and len(set(sizes)) == 1 \
+            and (sizes[0].n_heads, sizes[0].n_kv_heads) == heads:
+        setattr(old, family_row(old.model_type).ffn_size_key, sizes[0].ffn_dim)
+        return
     if output_bias:  # every layer gets both biases, so the saved weights match what the config builds
         for layer in layers:
             add_zero_bias(adapter.attn_output(layer))

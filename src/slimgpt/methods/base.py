@@ -78,6 +78,7 @@ class Method:
     plan_reads_weights: ClassVar[bool] = False
     plan_needs_data: ClassVar[bool] = False  # ``plan`` reads the calibration data (else it runs before loading it)
     streaming_refusal: ClassVar[str] = ""  # why this method cannot prune a streamed model, if it cannot
+    stock_config: ClassVar[bool] = False  # uniform layers with all heads keep the stock config (PruneNet)
 
     def __init__(self, config: PruneConfig) -> None:
         self.config = config
