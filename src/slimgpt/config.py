@@ -14,7 +14,7 @@ from slimgpt.solver.schedule import SCHEDULES
 from slimgpt.solver.structured import GROUP_SCHEDULES
 
 CONFIG_VERSION = 1
-METHODS = ("slimgpt", "magnitude", "wanda-sp", "flap", "llm-pruner", "slicegpt", "fasp", "prunenet")
+METHODS = ("slimgpt", "magnitude", "wanda-sp", "flap", "llm-pruner", "slicegpt", "fasp", "prunenet", "modegpt")
 HEAD_SCORES = ("gcd", "gcd-diag", "diag")
 GQA_POLICIES = ("kv-group", "query-heads")
 SOLVERS = ("fast", "reference")
@@ -33,9 +33,11 @@ class PruneConfig:
     gqa_policy: "kv-group" removes whole KV groups; "query-heads" removes query heads evenly per group.
     solver: "fast" (Schur downdates) or "reference" (re-invert every round, the authors' way).
     round_to: keep every layer's FFN width a multiple of this.
-    method: "slimgpt", or a baseline (slimgpt.baselines): "magnitude", "wanda-sp", "flap", "llm-pruner";
-        or "slicegpt" (slimgpt.slicegpt), which narrows the hidden width instead of removing heads / channels;
-        or "fasp" (slimgpt.methods.fasp), Wanda-style scores with a least-squares restoration.
+    method: a registered method (slimgpt.methods, one file each): "slimgpt"; the baselines "magnitude",
+        "wanda-sp", "flap", "llm-pruner"; "slicegpt", which narrows the hidden width instead of removing
+        heads / channels; the peers "fasp" (Wanda-style scores with a least-squares restoration),
+        "prunenet" (a calibration-free policy, uniform FFN width) and "modegpt" (keeps every head and
+        shrinks their dims).
     taylor_samples / taylor_seqlen: LLM-Pruner's gradient pass uses the first ``taylor_samples``
         calibration windows cut to ``taylor_seqlen`` tokens (the authors: 10 samples of 64 tokens).
     device: where the layer being pruned runs; offload: keep calibration activations on the CPU.

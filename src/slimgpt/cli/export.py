@@ -47,6 +47,10 @@ def check_source(args: argparse.Namespace) -> Path:
     if not source.is_dir():
         raise ConfigError(f"{source} is not a folder: pass the folder written by `slimgpt prune`")
     config_path = source / "config.json"
+    if config_path.exists() and json.loads(config_path.read_text()).get("qk_dims"):
+        raise ConfigError(f"{source} was pruned by --method modegpt (per-layer q/k and v head dims, a RoPE index), "
+                          "which no export format describes: load it with slimgpt (`import slimgpt`, then "
+                          "from_pretrained)")
     if config_path.exists() and json.loads(config_path.read_text()).get("slice_dims"):
         raise ConfigError(f"{source} was sliced by --method slicegpt (shortcut matrices between layers), which no "
                           "export format describes: load it with slimgpt (`import slimgpt`, then from_pretrained)")

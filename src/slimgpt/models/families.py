@@ -111,7 +111,8 @@ FAMILIES: dict[str, Family] = {
 
 
 def base_model_type(model_type: str) -> str:
-    return model_type.removeprefix("slimgpt_")
+    """The family of a model type: ``slimgpt_<type>`` and ``slimgpt_modegpt_<type>`` map to ``<type>``."""
+    return model_type.removeprefix("slimgpt_").removeprefix("modegpt_")
 
 
 def family_row(model_type: str) -> Family:
