@@ -100,7 +100,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     source = resolve_model_path(args.model)
     # The data is read and tokenized before the weights: an offline or malformed dataset fails in seconds.
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=args.trust_remote_code)
+        if source.lower().endswith(".gguf"):  # issue 13: a GGUF file carries its own tokenizer
+            from slimgpt.gguf_load import load_gguf_tokenizer
+
+            tokenizer = load_gguf_tokenizer(source)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=args.trust_remote_code)
     except OSError as error:
         raise SlimGPTError(f"cannot load the tokenizer of {args.model!r} ({str(error).splitlines()[0]}): pass a "
                            "model folder with its tokenizer files") from None

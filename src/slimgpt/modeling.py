@@ -181,6 +181,10 @@ def builtin_model_path(name: str) -> Path:
 
 def resolve_model_path(name_or_path: str) -> str:
     """A built-in name (``tiny-mha``, ``tiny-gqa``) becomes its shipped folder; anything else is kept."""
+    if name_or_path == "smollm2-135m":  # issue 13: the real built-in model, converted once from its wheel
+        from slimgpt.smollm2 import smollm2_folder
+
+        return str(smollm2_folder())
     if name_or_path in BUILTIN_MODELS:
         path = builtin_model_path(name_or_path)
         if not (path / "config.json").exists():
@@ -203,6 +207,10 @@ def load_model(name_or_path: str, *, dtype: torch.dtype | str | None = None, dev
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "auto": None}[dtype]
+    if path.lower().endswith(".gguf"):  # issue 13: a GGUF file, dequantised (slimgpt.gguf_load)
+        from slimgpt.gguf_load import load_gguf
+
+        return load_gguf(path, dtype=dtype, device=device, attn_implementation=attn_implementation)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as error:
