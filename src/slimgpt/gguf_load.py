@@ -8,8 +8,9 @@ class is built afresh from its config without ``quantization_config`` and given 
 dict: the result saves, reloads and prunes like any dense model.
 
 Families: the GGUF architectures that are both read by transformers and pruned by slimgpt, ``llama``
-(also Mistral files, which llama.cpp writes as ``llama``; transformers tells them by name) and
-``qwen2``. Anything else is a one-line ``UnsupportedModelError`` before any tensor is read.
+and ``qwen2`` (``mistral`` too, should a file say so). llama.cpp writes Mistral models as ``llama``;
+they load as LLaMA, the same network without Mistral's sliding window (exact up to the window, which
+Mistral v0.2 and later no longer have). Anything else is a one-line ``UnsupportedModelError`` before any tensor is read.
 
 Nothing here is cached: a GGUF file is loaded in memory each time. ``convert_gguf`` writes the plain
 folder once (``slimgpt.smollm2`` caches the built-in real model that way).
@@ -127,8 +128,9 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | None = None, device: str
         tokenizer = load_gguf_tokenizer(info.path)
     except (ValueError, KeyError, NotImplementedError) as error:
         first = (str(error).splitlines() or [type(error).__name__])[0]
-        raise UnsupportedModelError(f"transformers cannot read {info.path.name} ({first}): convert it to a "
-                                    "Hugging Face folder with llama.cpp's tools or the model's original release") from None
+        raise UnsupportedModelError(
+            f"transformers cannot read {info.path.name} ({first}): use the model's original Hugging Face release"
+        ) from None
     model = plain_model(loaded, dtype=dtype or torch.float32, attn_implementation=attn_implementation)
     del loaded
     logger.info("dequantised %s from %s to %s", info.path.name, info.file_type,
