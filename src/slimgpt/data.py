@@ -113,9 +113,16 @@ class LocalSource:
     windowing: Windowing = "stream"
 
 
-Source = HubSource | BuiltinSource | LocalSource
+@dataclass(frozen=True)
+class EnglishSource:
+    """``slimgpt.english`` (issue 13): shipped English prose, calibration and eval chapters disjoint."""
 
-SOURCES: Mapping[str, HubSource | BuiltinSource] = MappingProxyType(
+    windowing: Windowing = "stream"
+
+
+Source = HubSource | BuiltinSource | LocalSource | EnglishSource
+
+SOURCES: Mapping[str, HubSource | BuiltinSource | EnglishSource] = MappingProxyType(
     {
         # The paper's calibration set (section 9): the first shard of C4 "en". Its 356k documents are
         # too many to tokenize for 256 windows, so windows are sampled per document, as GPTQ does.
@@ -167,6 +174,7 @@ SOURCES: Mapping[str, HubSource | BuiltinSource] = MappingProxyType(
             heldout_fraction=0.05,
         ),
         "builtin": BuiltinSource(),
+        "english": EnglishSource(),  # issue 13
     }
 )
 
@@ -287,6 +295,10 @@ def describe_source(source: str, split: str = "calibration") -> dict[str, object
             description |= {"path": str(corpus.stdlib_root()), "python": _python_version(), "rows": "train"}
         else:
             description |= {"path": "slimgpt/assets/corpus/heldout.txt.gz", "rows": "held-out files"}
+    elif isinstance(resolved, EnglishSource):  # issue 13
+        from slimgpt import english
+
+        description |= {**english.describe(checked_split), "windowing": resolved.windowing}
     else:
         local_files = _local_files(resolved.path)
         description |= {
@@ -354,6 +366,10 @@ def _documents(source: str, resolved: Source, split: Split) -> Sequence[str]:
         return _hub_documents(source, resolved, split)
     if isinstance(resolved, BuiltinSource):
         return corpus.train_documents() if split == "calibration" else [corpus.heldout_text()]
+    if isinstance(resolved, EnglishSource):  # issue 13
+        from slimgpt import english
+
+        return english.documents(split)
     return _read_local(resolved.path)
 
 
