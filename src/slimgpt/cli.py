@@ -97,7 +97,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from slimgpt.demo import run_demo
 
     start = time.perf_counter()
-    print(run_demo(ratios=args.ratios, nsamples=args.nsamples, seqlen=args.seqlen, device=args.device))
+    print(run_demo(model_name=args.model, ratios=args.ratios, nsamples=args.nsamples, seqlen=args.seqlen,
+                   device=args.device))
     print(f"\nwall time {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -109,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     prune = sub.add_parser("prune", help="prune a model and save the smaller model")
-    prune.add_argument("model", help="Hub id, local folder, or a built-in name (tiny-mha, tiny-gqa)")
+    prune.add_argument("model", help="Hub id, local folder, GGUF file, or a built-in name (tiny-mha, tiny-gqa, "
+                       "smollm2-135m)")
     prune.add_argument("--output", "-o", required=True)
     prune.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     prune.add_argument("--resume", action="store_true", help="continue from the per-layer checkpoint")
@@ -125,8 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="prune the built-in model at 20%% and 50%% and compare with dense")
     demo.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=[0.2, 0.5])
-    demo.add_argument("--nsamples", type=int, default=64)
-    demo.add_argument("--seqlen", type=int, default=512)
+    demo.add_argument("--model", default="auto", help="auto (smollm2-135m if installed, else tiny-mha), "
+                      "tiny-mha, tiny-gqa or smollm2-135m")  # issue 13
+    demo.add_argument("--nsamples", type=int, default=None, help="default 64 (tiny), 32 (smollm2-135m)")
+    demo.add_argument("--seqlen", type=int, default=None, help="default 512 (tiny), 256 (smollm2-135m)")
     demo.add_argument("--device", default="cpu")
     demo.set_defaults(func=cmd_demo)
 

@@ -154,6 +154,17 @@ def smollm2_folder() -> Path:
         raise
 
 
+def available() -> bool:
+    """Whether ``smollm2-135m`` loads without a download: converted already, or its GGUF found."""
+    if is_cached(cached_folder()):
+        return True
+    try:
+        find_source()
+    except SlimGPTError:
+        return False
+    return True
+
+
 def describe() -> dict[str, object]:
     """Provenance of the cached folder (its ``slimgpt_gguf_source.json``), or {} if not converted yet."""
     path = cached_folder() / PROVENANCE_FILE

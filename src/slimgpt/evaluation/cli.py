@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Evaluate a model and print a Markdown report. Nothing is run unless asked "
         "(--ppl, --tasks, --speed).",
     )
-    ev.add_argument("model", metavar="MODEL_OR_DIR", help="built-in name (tiny-mha), Hub id or local folder")
+    ev.add_argument("model", metavar="MODEL_OR_DIR",
+                    help="built-in name (tiny-mha, smollm2-135m), Hub id, local folder or GGUF file")
     ev.add_argument(
         "--ppl",
         type=_names,
