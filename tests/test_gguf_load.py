@@ -192,3 +192,17 @@ def test_gguf_errors(tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(builtins, "__import__", no_gguf)
     with pytest.raises(SlimGPTError, match=r"pip install .*gguf"):
         load_model(str(path))
+
+
+def test_cli_prunes_a_gguf_file(tokenizer: Any, tmp_path: Path) -> None:
+    from conftest import TEXT
+    from slimgpt.cli import main
+
+    path = write_gguf(source_model("qwen2"), tokenizer, tmp_path / "model.gguf", "qwen2", "q8_0")
+    (tmp_path / "calib.txt").write_text(TEXT * 40)
+    output = tmp_path / "pruned"
+    assert main(["prune", str(path), "--ratio", "0.3", "--calib", str(tmp_path / "calib.txt"), "--nsamples", "4",
+                 "--seqlen", "32", "--output", str(output)]) == 0
+    pruned, _ = load_model(str(output))
+    assert pruned.config.model_type == "slimgpt_qwen2"
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in source_model("qwen2").parameters())
