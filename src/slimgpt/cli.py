@@ -26,7 +26,7 @@ def _add_prune_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ratio", type=float, default=d.ratio,
                         help="fraction of decoder-layer parameters to remove, in [0, 1) (default %(default)s)")
     parser.add_argument("--calib", default=d.calib,
-                        help="calibration data: c4, wikitext2, ptb, alpaca, gpt4-alpaca, builtin, or a local "
+                        help="calibration data: c4, wikitext2, ptb, alpaca, gpt4-alpaca, builtin, english, or a local "
                              ".txt/.jsonl file or directory (default %(default)s)")
     parser.add_argument("--nsamples", type=int, default=d.nsamples)
     parser.add_argument("--seqlen", type=int, default=d.seqlen)

@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=_names,
         default=[],
         metavar="DATASETS",
-        help="perplexity datasets, comma-separated: wikitext2, c4, ptb, builtin or a local path",
+        help="perplexity datasets, comma-separated: wikitext2, c4, ptb, builtin, english or a local path",
     )
     ev.add_argument(
         "--seqlens",
