@@ -139,8 +139,11 @@ def check_model_source(model: str) -> int:
     path = Path(resolve_model_path(model))
     if not path.exists():
         return 0
+    if path.is_file() and path.suffix.lower() == ".gguf":  # read by transformers' GGUF reader (slimgpt.models.gguf)
+        return path.stat().st_size
     if not path.is_dir():
-        raise UnsupportedModelError(f"model {model} is a file: pass the model's folder (config.json + safetensors)")
+        raise UnsupportedModelError(f"model {model} is a file: pass the model's folder (config.json + safetensors)"
+                                    " or a .gguf file")
     if not (path / "config.json").is_file():
         raise UnsupportedModelError(f"model folder {path} has no config.json: pass a saved Hugging Face model folder")
     weights = sorted(path.glob("*.safetensors"))

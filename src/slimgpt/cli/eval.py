@@ -32,9 +32,11 @@ def register(subparsers: common.Subparsers) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     default_tasks = ",".join(DEFAULT_TASKS)
-    parser.add_argument("model", metavar="MODEL_OR_DIR", help="built-in name (tiny-mha), Hub id or local folder")
+    parser.add_argument("model", metavar="MODEL_OR_DIR",
+                        help="built-in name (tiny-mha, smollm2-135m), Hub id, local folder or GGUF file")
     parser.add_argument("--ppl", type=common.names, default=[], metavar="DATASETS",
-                        help="perplexity datasets, comma-separated: wikitext2, c4, ptb, builtin or a local path")
+                        help="perplexity datasets, comma-separated: wikitext2, c4, ptb, builtin, english or a "
+                             "local path")
     parser.add_argument("--seqlens", type=window_lengths, default=[128, 2048], metavar="N,N",
                         help="perplexity window lengths (default 128,2048: both protocols of the literature; "
                         "clipped to the model's context)")

@@ -15,6 +15,7 @@ import torch
 from slimgpt.cli import common
 from slimgpt.errors import SlimGPTError
 from slimgpt.finetune import LORA_ROLES, LR_SCHEDULES, FinetuneConfig
+from slimgpt.models.gguf import load_gguf_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,8 @@ def load_tokenizer(source: str, model: str, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 
     try:
+        if source.lower().endswith(".gguf"):  # a GGUF file carries its own tokenizer
+            return load_gguf_tokenizer(source)
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as error:
         raise SlimGPTError(f"cannot load the tokenizer of {model!r} ({str(error).splitlines()[0]}): pass a "

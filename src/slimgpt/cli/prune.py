@@ -35,7 +35,8 @@ def register(subparsers: common.Subparsers) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="Hub id, local folder, or a built-in name (tiny-mha, tiny-gqa)")
+    parser.add_argument("model", help="Hub id, local folder, GGUF file, or a built-in name (tiny-mha, tiny-gqa, "
+                        "smollm2-135m)")
     common.add_saving(parser, resume_help="continue from the per-layer checkpoint")
     common.add_dtype(parser, DTYPES, default="auto")
     common.add_trust_remote_code(parser)
@@ -53,7 +54,7 @@ def add_prune_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ratio", type=float, default=d.ratio,
                         help="fraction of decoder-layer parameters to remove, in [0, 1) (default %(default)s)")
     parser.add_argument("--calib", default=d.calib,
-                        help="calibration data: c4, wikitext2, ptb, alpaca, gpt4-alpaca, builtin, or a local "
+                        help="calibration data: c4, wikitext2, ptb, alpaca, gpt4-alpaca, builtin, english, or a local "
                              ".txt/.jsonl file or directory (default %(default)s)")
     parser.add_argument("--nsamples", type=int, default=d.nsamples)
     parser.add_argument("--seqlen", type=int, default=d.seqlen)

@@ -6,9 +6,10 @@ import platform
 from collections.abc import Sequence
 
 import slimgpt.corpus as corpus
+import slimgpt.data.english as english
 from slimgpt.data.hub import hub_documents, hub_split_and_files, rows_description
 from slimgpt.data.local import local_files, read_local
-from slimgpt.data.sources import BuiltinSource, HubSource, Source, Split, check_split, resolve_source
+from slimgpt.data.sources import BuiltinSource, EnglishSource, HubSource, Source, Split, check_split, resolve_source
 
 
 def load_documents(source: str, split: str = "calibration") -> list[str]:
@@ -27,6 +28,8 @@ def source_documents(source: str, resolved: Source, split: Split) -> Sequence[st
         return hub_documents(source, resolved, split)
     if isinstance(resolved, BuiltinSource):
         return corpus.train_documents() if split == "calibration" else [corpus.heldout_text()]
+    if isinstance(resolved, EnglishSource):
+        return english.documents(split)
     return read_local(resolved.path)
 
 
@@ -59,6 +62,8 @@ def describe_source(source: str, split: str = "calibration") -> dict[str, object
             description |= {"path": str(corpus.stdlib_root()), "python": platform.python_version(), "rows": "train"}
         else:
             description |= {"path": "slimgpt/assets/corpus/heldout.txt.gz", "rows": "held-out files"}
+    elif isinstance(resolved, EnglishSource):
+        description |= {**english.describe(checked_split), "windowing": resolved.windowing}
     else:
         files_read = local_files(resolved.path)
         description |= {

@@ -71,6 +71,13 @@ class BuiltinSource:
 
 
 @dataclass(frozen=True)
+class EnglishSource:
+    """``slimgpt.data.english``: shipped English prose, calibration and eval chapters disjoint."""
+
+    windowing: Windowing = "stream"
+
+
+@dataclass(frozen=True)
 class LocalSource:
     """A user's ``.txt`` / ``.jsonl`` file or directory of them. It has no splits: both read all of it."""
 
@@ -78,9 +85,9 @@ class LocalSource:
     windowing: Windowing = "stream"
 
 
-Source = HubSource | BuiltinSource | LocalSource
+Source = HubSource | BuiltinSource | LocalSource | EnglishSource
 
-SOURCES: Mapping[str, HubSource | BuiltinSource] = MappingProxyType(
+SOURCES: Mapping[str, HubSource | BuiltinSource | EnglishSource] = MappingProxyType(
     {
         # The paper's calibration set: the first shard of C4 "en". Its 356k documents are too many to
         # tokenize for 256 windows, so windows are sampled per document, as GPTQ does. GPTQ's C4
@@ -132,6 +139,7 @@ SOURCES: Mapping[str, HubSource | BuiltinSource] = MappingProxyType(
             heldout_fraction=0.05,
         ),
         "builtin": BuiltinSource(),
+        "english": EnglishSource(),
     }
 )
 

@@ -21,7 +21,10 @@ from slimgpt._util.dtypes import parse_dtype
 from slimgpt.errors import SlimGPTError
 from slimgpt.models.adapters import LayerSizes
 from slimgpt.models.families import FAMILIES, Family, family_row, get_adapter
+from slimgpt.models.gguf import load_gguf
 from slimgpt.models.sliced import apply_slice_dims
+from slimgpt.models.smollm2 import NAME as SMOLLM2
+from slimgpt.models.smollm2 import smollm2_folder
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +169,8 @@ def builtin_model_path(name: str) -> Path:
 
 def resolve_model_path(name_or_path: str) -> str:
     """A built-in name (``tiny-mha``, ``tiny-gqa``) becomes its shipped folder; anything else is kept."""
+    if name_or_path == SMOLLM2:  # the real built-in model, converted once from its wheel
+        return str(smollm2_folder())
     if name_or_path in BUILTIN_MODELS:
         path = builtin_model_path(name_or_path)
         if not (path / "config.json").exists():
@@ -182,6 +187,8 @@ def load_model(name_or_path: str, *, dtype: torch.dtype | str | None = None, dev
     """
     path = resolve_model_path(name_or_path)
     dtype = parse_dtype(dtype)
+    if path.lower().endswith(".gguf"):  # a GGUF file (llama.cpp, Ollama), dequantised (slimgpt.models.gguf)
+        return load_gguf(path, dtype=dtype, device=device, attn_implementation=attn_implementation)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as error:
