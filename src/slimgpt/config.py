@@ -10,7 +10,7 @@ import torch
 
 from slimgpt._util.validate import check_field_types
 from slimgpt.errors import ConfigError
-from slimgpt.solver.schedule import SCHEDULES
+from slimgpt.solver.schedule import ALL_SCHEDULES, AUTO
 from slimgpt.solver.structured import GROUP_SCHEDULES
 
 CONFIG_VERSION = 1
@@ -25,7 +25,8 @@ class PruneConfig:
     """Everything that decides a pruning run. Defaults are the paper's (docs/paper.md section 9).
 
     ratio: fraction of decoder-layer parameters to remove (embeddings and lm_head excluded).
-    schedule / first_ratio / first_fraction: the per-layer ratio schedule; r_0 = first_ratio, or
+    schedule / first_ratio / first_fraction: the per-layer ratio schedule ("auto": SlimGPT's measured
+        allocation, slimgpt.methods.auto_schedule); r_0 = first_ratio, or
         first_fraction * r_last when first_ratio is None (the authors' 20% recipe is 0.0625 / 0.25).
     head_score: "gcd" (exact grouped-Cholesky group cost), "gcd-diag" (authors' score), "diag" (-GCD).
     compensate: OBS-update the surviving columns (False is the "no compensation" ablation).
@@ -89,7 +90,10 @@ class PruneConfig:
         if self.first_ratio is not None and not 0.0 <= self.first_ratio < 1.0:
             raise ConfigError(f"--first-ratio {self.first_ratio} is outside [0, 1)")
         choice("method", METHODS)
-        choice("schedule", SCHEDULES)
+        choice("schedule", ALL_SCHEDULES)
+        if self.schedule == AUTO and self.method != "slimgpt":
+            raise ConfigError(f"--schedule auto is SlimGPT's allocation; --method {self.method} has its own or a ratio "
+                              "schedule: use --method slimgpt")
         choice("head_score", HEAD_SCORES)
         choice("group_schedule", GROUP_SCHEDULES)
         choice("gqa_policy", GQA_POLICIES)

@@ -164,7 +164,8 @@ def _prune_layers(model: nn.Module, method: LayerMethod, config: PruneConfig, ca
     after = (decoder_params(model, adapter) if options.compact
              else totals.decoder_params_before - schedule.params_removed)
     summary = {"name": schedule.schedule, "high": schedule.high, "low": schedule.low,
-               "planned_ratio": schedule.realised_ratio, "ratios": [p.ratio for p in schedule.layers]}
+               "planned_ratio": schedule.realised_ratio, "ratios": [p.ratio for p in schedule.layers],
+               **schedule.details}
     report = assemble_report(model, method.name, config, rows, totals, after, summary, calibration, loop,
                              options.model_name)
     report.ratio_convention = method.ratio_convention(report)

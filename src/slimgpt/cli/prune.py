@@ -8,7 +8,7 @@ from slimgpt.cli import common
 from slimgpt.config import GQA_POLICIES, HEAD_SCORES, SOLVERS, PruneConfig
 from slimgpt.config import METHODS as METHOD_NAMES
 from slimgpt.methods import METHODS
-from slimgpt.solver.schedule import SCHEDULES
+from slimgpt.solver.schedule import ALL_SCHEDULES
 from slimgpt.solver.structured import GROUP_SCHEDULES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -59,7 +59,8 @@ def add_prune_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nsamples", type=int, default=d.nsamples)
     parser.add_argument("--seqlen", type=int, default=d.seqlen)
     parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
+    parser.add_argument("--schedule", choices=ALL_SCHEDULES, default=d.schedule,
+                        help="per-layer ratios; auto: SlimGPT's counts from measured costs (default %(default)s)")
     parser.add_argument("--first-ratio", type=float, default=None, help="ratio of layer 0 (default: last / 4)")
     parser.add_argument("--first-fraction", type=float, default=d.first_fraction)
     parser.add_argument("--percdamp", type=float, default=d.percdamp)

@@ -75,8 +75,8 @@ class Method:
     needs_data: ClassVar[bool] = True
     needs_layer_inputs: ClassVar[bool] = True
     needs_hessian: ClassVar[bool] = False
-    plan_reads_weights: ClassVar[bool] = False
-    plan_needs_data: ClassVar[bool] = False  # ``plan`` reads the calibration data (else it runs before loading it)
+    plan_reads_weights: bool = False  # class-wide, or set per instance (SlimGPT's --schedule auto)
+    plan_needs_data: bool = False  # ``plan`` reads the calibration data (else it runs before loading it)
     streaming_refusal: ClassVar[str] = ""  # why this method cannot prune a streamed model, if it cannot
     stock_config: ClassVar[bool] = False  # uniform layers with all heads keep the stock config (PruneNet)
 

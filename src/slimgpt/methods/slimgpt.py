@@ -1,14 +1,22 @@
 """SlimGPT (Ling et al., NeurIPS 2024): grouped-Cholesky Batched Greedy Pruning for the attention heads,
 Dynamic Group Size for the FFN channels, OBS compensation of the surviving columns, and the
-log-increasing per-layer ratio (the default ``LayerMethod.plan``). docs/method.md has the maths."""
+log-increasing per-layer ratio (the default ``LayerMethod.plan``), or with ``--schedule auto`` per-layer
+counts from measured costs (slimgpt.methods.auto_schedule). docs/method.md has the maths."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+from torch import nn
+
+from slimgpt.config import PruneConfig
+from slimgpt.methods.auto_schedule import STREAM_REFUSAL, plan_auto
 from slimgpt.methods.base import Decision, LayerMethod, PruneJob, register
+from slimgpt.models.adapters import ModelAdapter
 from slimgpt.solver.hessian import prepare_hessian, with_escalating_damping
 from slimgpt.solver.obs import make_solver
+from slimgpt.solver.schedule import AUTO, SchedulePlan
 from slimgpt.solver.structured import greedy_remove_units, group_sizes, remove_channels
 
 
@@ -21,6 +29,21 @@ class SlimGPTMethod(LayerMethod):
                "OBS-compensated\n(SlimGPT, Ling et al., NeurIPS 2024).")
     help = "SlimGPT: OBS-compensated head and FFN-channel removal (the default)"
     needs_hessian = True
+
+    def __init__(self, config: PruneConfig) -> None:
+        super().__init__(config)
+        if config.schedule == AUTO:  # the auto plan measures the dense model on the calibration data
+            self.plan_needs_data = True
+            self.plan_reads_weights = True
+
+    def plan(self, model: nn.Module, adapter: ModelAdapter, calibration: torch.Tensor | None) -> SchedulePlan:
+        if self.config.schedule != AUTO:
+            return super().plan(model, adapter, calibration)
+        assert calibration is not None
+        return plan_auto(model, adapter, calibration, self.config)
+
+    def cannot_stream(self) -> str:
+        return STREAM_REFUSAL if self.config.schedule == AUTO else super().cannot_stream()
 
     def _solver(self, job: PruneJob, damping: float) -> Any:
         assert job.stats is not None

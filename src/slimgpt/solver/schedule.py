@@ -13,11 +13,14 @@ heads and channels, is as close as possible to the target. ln(n), not the author
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from slimgpt.errors import ConfigError
 
-SCHEDULES = ("log-increase", "linear-increase", "uniform", "log-decrease", "linear-decrease")
+SCHEDULES = ("log-increase", "linear-increase", "uniform", "log-decrease", "linear-decrease")  # the paper's five
+AUTO = "auto"  # SlimGPT's measured allocation (slimgpt.methods.auto_schedule); not a ratio shape
+ALL_SCHEDULES = (*SCHEDULES, AUTO)
 
 
 def _shape(schedule: str, i: int, n: int) -> float:
@@ -68,6 +71,7 @@ class SchedulePlan:
     schedule: str
     total_params: int
     params_removed: int
+    details: dict[str, Any] = field(default_factory=dict)  # how the allocation was chosen (auto)
 
 
 def plan_layer(geometry: LayerGeometry, ratio: float, round_to: int = 1) -> LayerPlan:
@@ -128,6 +132,9 @@ def plan_schedule(
         raise ConfigError(f"pruning ratio {target} is outside [0, 1): pass --ratio between 0 and 0.95")
     if first_ratio is not None and not 0.0 <= first_ratio < 1.0:
         raise ConfigError(f"first-layer ratio {first_ratio} is outside [0, 1)")
+    if schedule == AUTO:
+        raise ConfigError("the auto schedule is measured on the model and its calibration data: prune with "
+                          "--method slimgpt (slimgpt.prune.prune_model)")
     total = sum(g.layer_params for g in geometries)
     goal = target * total
     n = len(geometries)

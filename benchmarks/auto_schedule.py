@@ -1,0 +1,104 @@
+"""SlimGPT with ``--schedule auto`` against log-increase and every baseline, at equal size.
+
+For each model and ratio: held-out perplexity (evenly spread 128-token windows of the builtin corpus) and
+pruning time, with the same calibration windows for every method. Writes ``--json`` and a markdown table,
+and the kept-ratio plots (paper Fig. 4 analog) of auto and log-increase at each ratio.
+
+    python benchmarks/auto_schedule.py --models tiny-mha,tiny-gqa --ratios 0.2,0.33,0.5 \
+        --nsamples 32 --seqlen 256 --out docs/results
+    python benchmarks/auto_schedule.py --table docs/results/auto_schedule_tiny-mha.json,...   # table only
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimgpt import PruneConfig, load_model, prune_model
+from slimgpt.data import calibration_windows, eval_windows
+from slimgpt.evaluation import perplexity, plot_kept_ratio
+from slimgpt.evaluation.report import markdown_table, write_atomic
+
+VARIANTS = [("slimgpt auto", "slimgpt", "auto"), ("slimgpt log-increase", "slimgpt", "log-increase"),
+            ("magnitude", "magnitude", None), ("wanda-sp", "wanda-sp", None), ("flap", "flap", None),
+            ("llm-pruner", "llm-pruner", None), ("slicegpt", "slicegpt", None)]
+
+
+def run_one(dense: Any, config: PruneConfig, calibration: torch.Tensor, windows: torch.Tensor) -> dict[str, Any]:
+    model = copy.deepcopy(dense)
+    start = time.perf_counter()
+    report = prune_model(model, config, calibration, progress=False)
+    seconds = time.perf_counter() - start
+    row = {"realised": report.realised_ratio, "seconds": round(seconds, 1),
+           "ppl128": perplexity(model, windows, batch_size=16, progress=False),
+           "layers": [{"layer": r.layer, "heads_kept": r.heads_kept, "heads_total": r.heads_total,
+                       "ffn_kept": r.ffn_kept, "ffn_total": r.ffn_total} for r in report.layers]}
+    if config.schedule == "auto":
+        row["plan_seconds"] = round(report.stage_seconds.get("plan", 0.0), 1)
+        row["schedule"] = {k: v for k, v in report.schedule.items() if k != "ratios"}
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="tiny-mha,tiny-gqa")
+    parser.add_argument("--ratios", default="0.2,0.33,0.5")
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--windows", type=int, default=80, help="128-token held-out windows, evenly spread")
+    parser.add_argument("--methods", default=",".join(v[0] for v in VARIANTS))
+    parser.add_argument("--out", type=Path, default=Path("docs/results"), help="folder of the plots")
+    parser.add_argument("--json", type=Path, default=Path("docs/results/auto_schedule.json"))
+    parser.add_argument("--table", default="", help="print the table of these JSON files and stop")
+    args = parser.parse_args()
+    if args.table:
+        print(table([row for path in args.table.split(",") for row in json.loads(Path(path).read_text())["rows"]]))
+        return
+    wanted = args.methods.split(",")
+    rows: list[dict[str, Any]] = []
+    for name in args.models.split(","):
+        dense, tokenizer = load_model(name, dtype=torch.float32)
+        calibration = calibration_windows(tokenizer, "builtin", args.nsamples, args.seqlen, seed=0)
+        windows = eval_windows(tokenizer, "builtin", 128)
+        windows = windows[torch.linspace(0, len(windows) - 1, min(args.windows, len(windows))).long()]
+        rows.append({"model": name, "variant": "dense", "ratio": 0.0, "realised": 0.0, "seconds": 0.0,
+                     "ppl128": perplexity(dense, windows, batch_size=16, progress=False)})
+        for ratio in (float(r) for r in args.ratios.split(",")):
+            for label, method, schedule in VARIANTS:
+                if label not in wanted:
+                    continue
+                config = PruneConfig(method=method, ratio=ratio, schedule=schedule or "log-increase", calib="builtin",
+                                     nsamples=args.nsamples, seqlen=args.seqlen, batch_size=8)
+                row = {"model": name, "variant": label, "ratio": ratio,
+                       **run_one(dense, config, calibration, windows)}
+                rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k not in ("layers", "schedule")}), flush=True)
+                if schedule is not None and row.get("layers"):
+                    plot_kept_ratio(row["layers"], args.out / f"auto_schedule_kept_{name}_{ratio:.0%}_{schedule}.png",
+                                    title=f"{name} {ratio:.0%}: SlimGPT {schedule}")
+    write_atomic(args.json, json.dumps({"nsamples": args.nsamples, "seqlen": args.seqlen,
+                                                              "windows": args.windows, "rows": rows}, indent=1) + "\n")
+    print(table(rows))
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """PPL per (model, ratio) and variant; time relative to SlimGPT log-increase on the same row."""
+    base = {(r["model"], r["ratio"]): r["seconds"] for r in rows if r["variant"] == "slimgpt log-increase"}
+    return markdown_table(
+        ["model", "ratio", "variant", "realised", "PPL 128", "prune s", "x log-increase time", "heads kept",
+         "FFN kept"],
+        [[r["model"], f"{r['ratio']:.0%}", r["variant"], f"{r['realised']:.2%}", f"{r['ppl128']:.2f}",
+          f"{r['seconds']:.1f}",
+          f"{r['seconds'] / base[(r['model'], r['ratio'])]:.2f}" if (r["model"], r["ratio"]) in base else "",
+          " ".join(str(x["heads_kept"]) for x in r.get("layers", [])),
+          " ".join(str(x["ffn_kept"]) for x in r.get("layers", []))] for r in rows])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""SlimGPT's ``--schedule auto``: every layer's head and FFN-channel counts from measured costs.
+
+1. One pass of the calibration windows through the dense model collects every layer's o_proj and
+   down_proj input Hessians (slimgpt.layerwise.capture.dense_input_statistics).
+2. Per layer and module, the OBS cost curve of successive removals along SlimGPT's own greedy path: head
+   rounds (grouped-Cholesky scores) and 16 channel steps, up to a fraction min(1, 2.5 ratio + 0.15) of
+   the module's units (the allocation never goes further; slimgpt.solver.allocation). A cost is the
+   relative layer-wise output error ||dW X||^2 / ||W X||^2.
+3. Per layer and module, a sensitivity: on the first calibration windows (at most ``SENSITIVITY_TOKENS``
+   tokens), the mean KL divergence of the model's next-token distribution from the dense one when only
+   that module's weight is replaced by its compensated weight at the probe count (the uniform ratio's
+   count), divided by the layer-wise cost there. It turns a layer's relative error into predicted
+   output divergence, so error in a layer whose output the rest of the model amplifies counts for more.
+4. A global allocation over all layers and both modules: the least sum of sensitivity x cost whose
+   removed parameters land on the goal (slimgpt.solver.allocation.allocate), keeping one attention unit
+   and ``round_to`` channels per layer, and FFN widths multiples of ``round_to``.
+
+Everything runs on the dense model, so the plan is deterministic given the calibration windows (a
+resumed run plans the same), and it needs every layer in memory (``--stream`` is refused).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimgpt.config import PruneConfig
+from slimgpt.layerwise.capture import dense_input_statistics
+from slimgpt.models.adapters import ModelAdapter
+from slimgpt.models.geometry import attention_units, model_geometry
+from slimgpt.solver.allocation import (
+    CostCurve,
+    Layer,
+    Option,
+    allocate,
+    allowed_channel_counts,
+    channel_checkpoints,
+    channel_cost_curve,
+    interpolate,
+    unit_cost_curve,
+)
+from slimgpt.solver.hessian import InputStatistics, prepare_hessian
+from slimgpt.solver.schedule import AUTO, LayerGeometry, LayerPlan, SchedulePlan
+
+CHANNEL_STEPS = 16  # points of each FFN cost curve
+SENSITIVITY_TOKENS = 1024  # calibration tokens of the sensitivity forwards
+REACH = (2.5, 0.15)  # curves reach a fraction min(1, 2.5 ratio + 0.15) of each module's units
+STREAM_REFUSAL = ("--schedule auto measures every layer of the dense model before pruning any, which needs the "
+                  "whole model in memory")
+
+
+def _measured(weight: nn.Linear, stats: InputStatistics, config: PruneConfig, device: torch.device) -> Layer:
+    W = weight.weight.detach().to(device, torch.float32, copy=True)
+    H = prepare_hessian(stats.hessian, W, config.percdamp)
+    return Layer(W, H, stats.hessian, config.solver, config.compensate)
+
+
+def _layer_curves(layer: nn.Module, adapter: ModelAdapter, geometry: LayerGeometry,
+                  stats: tuple[InputStatistics, InputStatistics], config: PruneConfig) -> tuple[CostCurve, CostCurve]:
+    """The attention and FFN cost curves of one dense layer, each with its probe's weight change."""
+    device = torch.device(config.device)
+    units, buckets, _ = attention_units(adapter, adapter.layer_sizes(layer), config.gqa_policy)
+    reach = min(1.0, REACH[0] * config.ratio + REACH[1])
+    rounds = min(geometry.attn_units - 1, math.ceil(reach * geometry.attn_units))
+    probe_round = min(rounds, max(1, round(config.ratio * geometry.attn_units))) if rounds > 0 else 0
+    attn = unit_cost_curve(_measured(adapter.attn_output(layer), stats[0], config, device), units, rounds, buckets,
+                           config.head_score, probe_round)
+    allowed = allowed_channel_counts(geometry.ffn_channels, config.round_to)
+    reachable = [c for c in allowed if c <= reach * geometry.ffn_channels] or allowed[:2]
+    checkpoints = channel_checkpoints(reachable, CHANNEL_STEPS)
+    target = config.ratio * geometry.ffn_channels
+    probe = min(checkpoints[1:], key=lambda c: (abs(c - target), c), default=0)
+    ffn = channel_cost_curve(_measured(adapter.mlp_output(layer), stats[1], config, device), checkpoints, probe)
+    return _on_cpu(attn), _on_cpu(ffn)
+
+
+def _on_cpu(curve: CostCurve) -> CostCurve:
+    probe = curve.probe.cpu() if curve.probe is not None else None
+    return CostCurve(curve.counts, curve.costs, probe, curve.probe_count)
+
+
+def _forward_log_probs(model: nn.Module, windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    device = next(model.parameters()).device
+    return [torch.log_softmax(model(input_ids=windows[s:s + batch_size].to(device), use_cache=False).logits.float(),
+                              -1).cpu() for s in range(0, len(windows), batch_size)]
+
+
+def _divergence(model: nn.Module, windows: torch.Tensor, batch_size: int, reference: list[torch.Tensor],
+                linear: nn.Linear, delta: torch.Tensor) -> float:
+    """Mean KL(dense || model with ``linear``'s weight changed by ``delta``) per token."""
+    delta = delta.to(linear.weight.device, linear.weight.dtype)
+
+    def perturb(_module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        return output + F.linear(args[0], delta)
+
+    handle = linear.register_forward_hook(perturb)
+    try:
+        perturbed = _forward_log_probs(model, windows, batch_size)
+    finally:
+        handle.remove()
+    total = sum(float((p.exp() * (p - q)).sum()) for p, q in zip(reference, perturbed, strict=True))
+    return total / (windows.shape[0] * windows.shape[1])
+
+
+def _sensitivities(model: nn.Module, adapter: ModelAdapter, calibration: torch.Tensor, config: PruneConfig,
+                   curves: list[tuple[CostCurve, CostCurve]]) -> tuple[list[list[float]], int]:
+    """Per layer, [attention, FFN] output divergence per unit of relative layer-wise error; the windows used."""
+    windows = calibration[:max(1, SENSITIVITY_TOKENS // calibration.shape[1])].long()
+    reference = _forward_log_probs(model, windows, config.batch_size)
+    weights = []
+    for layer, pair in zip(adapter.decoder_layers(model), curves, strict=True):
+        row = []
+        for linear, curve in zip((adapter.attn_output(layer), adapter.mlp_output(layer)), pair, strict=True):
+            cost = curve.costs[curve.counts.index(curve.probe_count)] if curve.probe is not None else 0.0
+            if curve.probe is None or cost <= 0:
+                row.append(0.0)
+                continue
+            kl = _divergence(model, windows, config.batch_size, reference, linear, curve.probe)
+            row.append(max(kl, 0.0) / cost)
+        weights.append(row)
+    return weights, len(windows)
+
+
+@torch.no_grad()
+def plan_auto(model: nn.Module, adapter: ModelAdapter, calibration: torch.Tensor, config: PruneConfig) -> SchedulePlan:
+    """SlimGPT's ``auto`` schedule: measured cost curves, measured sensitivities, one global allocation."""
+    geometries = model_geometry(model, adapter, config.gqa_policy)
+    total = sum(g.layer_params for g in geometries)
+    if config.ratio == 0:
+        zero = [LayerPlan(0.0, 0, 0, 0) for _ in geometries]
+        return SchedulePlan(zero, 0.0, 0.0, 0.0, 0.0, AUTO, total, 0, {"method": "nothing to remove"})
+    stats = dense_input_statistics(model, adapter, calibration, config, full=True)
+    curves = []
+    for layer, geometry, layer_stats in zip(adapter.decoder_layers(model), geometries, stats, strict=True):
+        curves.append(_layer_curves(layer, adapter, geometry, layer_stats, config))
+    del stats
+    weights, windows = _sensitivities(model, adapter, calibration, config, curves)
+    options = []
+    for geometry, (attn, ffn), (w_attn, w_ffn) in zip(geometries, curves, weights, strict=True):
+        allowed = [c for c in allowed_channel_counts(geometry.ffn_channels, config.round_to) if c <= ffn.counts[-1]]
+        options.append(Option(attn.counts, [w_attn * c for c in attn.costs], geometry.params_per_attn_unit))
+        options.append(Option(allowed, [w_ffn * c for c in interpolate(ffn, allowed)], geometry.params_per_channel))
+    counts = allocate(options, config.ratio * total)
+    plans = []
+    for i, geometry in enumerate(geometries):
+        units, channels = counts[2 * i], counts[2 * i + 1]
+        params = units * geometry.params_per_attn_unit + channels * geometry.params_per_channel
+        plans.append(LayerPlan(params / geometry.layer_params, units, channels, params))
+    removed = sum(p.params_removed for p in plans)
+    predicted = sum(o.costs[o.counts.index(c)] for o, c in zip(options, counts, strict=True))
+    details = {
+        "method": "OBS cost curves of the dense layers x KL sensitivity per module, global greedy allocation",
+        "sensitivity_windows": windows, "attn_sensitivity": [w[0] for w in weights],
+        "ffn_sensitivity": [w[1] for w in weights], "predicted_kl": predicted,
+        "attn_units_removed": [p.attn_units_removed for p in plans],
+        "channels_removed": [p.channels_removed for p in plans],
+    }
+    ratios = [p.ratio for p in plans]
+    return SchedulePlan(plans, config.ratio, removed / total, max(ratios), min(ratios), AUTO, total, removed, details)

@@ -1,0 +1,91 @@
+"""SlimGPT's ``--schedule auto``: the budget, the caps, determinism, resume and the refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FAMILIES, calibration, make_model
+from slimgpt import PruneConfig, prune_model
+from slimgpt.errors import ConfigError
+from slimgpt.methods import get_method
+from slimgpt.methods.auto_schedule import plan_auto
+from slimgpt.models.families import get_adapter
+from slimgpt.models.geometry import decoder_params, model_geometry
+from slimgpt.solver.schedule import plan_schedule
+
+
+def _config(**overrides: object) -> PruneConfig:
+    values: dict[str, object] = dict(ratio=0.3, schedule="auto", nsamples=8, seqlen=32, batch_size=4)
+    values.update(overrides)
+    return PruneConfig.from_dict(values)
+
+
+@pytest.mark.parametrize("policy", ["kv-group", "query-heads"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_budget_is_hit_for_every_family_and_policy(family: str, policy: str) -> None:
+    model = make_model(family)
+    adapter = get_adapter(model.config)
+    config = _config(gqa_policy=policy, ratio=0.35)
+    plan = plan_auto(model, adapter, calibration(), config)
+    geometries = model_geometry(model, adapter, policy)
+    goal = config.ratio * plan.total_params
+    step = max(g.params_per_channel for g in geometries)
+    assert abs(plan.params_removed - goal) <= step / 2
+    log_increase = plan_schedule(geometries, config.ratio, round_to=1)  # the paper schedule's precision
+    assert abs(plan.params_removed - goal) <= max(step / 2, abs(log_increase.params_removed - goal))
+    for layer, g in zip(plan.layers, geometries, strict=True):
+        assert 0 <= layer.attn_units_removed <= g.attn_units - 1
+        assert 0 <= layer.channels_removed <= g.ffn_channels - 1
+        assert layer.params_removed == (layer.attn_units_removed * g.params_per_attn_unit
+                                        + layer.channels_removed * g.params_per_channel)
+    assert plan.schedule == "auto" and len(plan.details["attn_sensitivity"]) == len(geometries)
+
+
+def test_round_to_keeps_widths_multiples() -> None:
+    model = make_model("llama")
+    plan = plan_auto(model, get_adapter(model.config), calibration(), _config(round_to=8))
+    assert all((96 - p.channels_removed) % 8 == 0 and p.channels_removed <= 88 for p in plan.layers)
+
+
+def test_plan_is_deterministic() -> None:
+    first = plan_auto(make_model("qwen2"), get_adapter(make_model("qwen2").config), calibration(), _config())
+    second = plan_auto(make_model("qwen2"), get_adapter(make_model("qwen2").config), calibration(), _config())
+    assert first == second
+
+
+def test_prune_reports_the_allocation_and_lands_on_it() -> None:
+    model = make_model("llama-gqa")
+    before = decoder_params(model, get_adapter(model.config))
+    report = prune_model(model, _config(gqa_policy="query-heads"), calibration(), progress=False)
+    schedule = report.schedule
+    assert schedule["name"] == "auto" and "sensitivity" in schedule["method"].lower()
+    removed = [r.params_before - r.params_after for r in report.layers]
+    assert before - decoder_params(model, get_adapter(model.config)) == sum(removed)
+    assert [r.ffn_total - r.ffn_kept for r in report.layers] == schedule["channels_removed"]
+    assert len(schedule["ratios"]) == 3 and abs(report.realised_ratio - 0.3) < 0.02
+
+
+def test_resume_reaches_the_same_model(tmp_path: Path) -> None:
+    config = _config(ratio=0.4)
+    reference = make_model("llama")
+    prune_model(reference, config, calibration(), progress=False)
+    crashed = make_model("llama")
+    prune_model(crashed, config, calibration(), checkpoint_dir=tmp_path / "ckpt", stop_after_layer=0, progress=False)
+    resumed = make_model("llama")
+    prune_model(resumed, config, calibration(), checkpoint_dir=tmp_path / "ckpt", resume=True, progress=False)
+    ref_state, new_state = reference.state_dict(), resumed.state_dict()
+    assert ref_state.keys() == new_state.keys()
+    assert all(torch.equal(ref_state[k], new_state[k]) for k in ref_state)
+
+
+def test_refusals() -> None:
+    assert "--schedule auto" in get_method(_config()).cannot_stream()
+    assert get_method(_config(schedule="log-increase")).cannot_stream() == ""
+    with pytest.raises(ConfigError, match="--method slimgpt"):
+        _config(method="flap")
+    with pytest.raises(ConfigError, match="auto schedule is measured"):
+        plan_schedule(model_geometry(make_model("llama"), get_adapter(make_model("llama").config), "kv-group"),
+                      0.3, "auto")
