@@ -74,6 +74,8 @@ class FastSolver(_Solver):
         m, p = self._m, columns.numel()
         r = m - p  # survivors after this round
         pos = self._position[columns.to(self._order.device)]  # [p]
+        if bool((pos >= m).any()) or len(torch.unique(pos)) != p:
+            raise ValueError("a column is already removed (or given twice); each column can go once")
         live = self._hinv[:m, :m]
         rows = live.index_select(0, pos)  # [p, m]: Hinv_P. (a copy: compaction overwrites the block)
         factor = cholesky(rows.index_select(1, pos))  # Hinv_PP = L L^T
@@ -87,6 +89,7 @@ class FastSolver(_Solver):
         source[holes] = fillers  # new position i < r holds what was at position source[i]
         R = rows.index_select(1, source)  # [p, r]: Hinv_PR in the compacted order
         self._compact(holes, fillers)
+        self._position[columns.to(self._order.device)] = self._w.shape[1]  # past any live position
         self._m = r
         if r == 0:
             return
@@ -102,10 +105,32 @@ class FastSolver(_Solver):
         return full.index_copy_(0, self._order[:m], errors)
 
     def unit_scores(self, units: torch.Tensor, alive: torch.Tensor, mode: str) -> torch.Tensor:
-        live_units = alive.nonzero().flatten()
-        pos = self._position[units[live_units.to(units.device)].to(self._position.device)]  # [U, g]
-        blocks = self._hinv[pos[:, :, None], pos[:, None, :]]  # [U, g, g]
-        columns = self._w[:, pos].permute(1, 2, 0)  # [U, g, d_out]
+        positions = self._position[units.to(self._position.device)]  # [n_units, g]
+        # Units with a removed column cannot go again (their positions are stale), whatever ``alive`` says.
+        live_units = (alive & (positions < self._m).all(1).cpu()).nonzero().flatten()
+        pos = positions[live_units.to(positions.device)]  # [U, g]
+        blocks = self._hinv[pos[:, :, None], pos[:, None, :]]  # [U, g, g]: Hinv_PP of each unit
         scores = torch.full((len(units),), math.inf, dtype=self.dtype)
-        scores[live_units] = block_scores(blocks, columns, mode).cpu()
+        if len(live_units) == 0:
+            return scores
+        if mode == "gcd":
+            scores[live_units] = (self._unit_grams(pos) * torch.cholesky_inverse(cholesky(blocks))).sum((1, 2)).cpu()
+        else:
+            scores[live_units] = block_scores(blocks, self._w[:, pos].permute(1, 2, 0), mode).cpu()
         return scores
+
+    def _unit_grams(self, pos: torch.Tensor) -> torch.Tensor:
+        """W_P^T W_P for each unit's positions pos: [U, g] -> [U, g, g].
+
+        The grouped-Cholesky cost tr(W_P B^-1 W_P^T) = sum(B^-1 * W_P^T W_P): a GEMM per unit instead of
+        a batched triangular solve against a gathered copy of W. Units whose columns sit contiguously
+        (heads stay contiguous under the compaction: a removed head's block is refilled by the last
+        head's block, in order) are read in place.
+        """
+        g = pos.shape[1]
+        starts = pos[:, 0].tolist()
+        if bool((pos == pos[:, :1] + torch.arange(g, device=pos.device)).all()):
+            views = [self._w[:, a:a + g] for a in starts]  # each [d_out, g], no copy
+            return torch.stack([v.mT @ v for v in views])
+        columns = self._w[:, pos.flatten()].view(-1, *pos.shape).transpose(0, 1)  # [U, d_out, g]
+        return torch.bmm(columns.mT, columns)
