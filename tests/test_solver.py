@@ -10,7 +10,7 @@ import torch
 from slimgpt.errors import NumericalError
 from slimgpt.solver.base import _Solver
 from slimgpt.solver.hessian import InputStatistics, damped_inverse, prepare_hessian
-from slimgpt.solver.linalg import spd_inverse
+from slimgpt.solver.linalg import inverse_cholesky_factor, spd_inverse
 from slimgpt.solver.obs import FastSolver, ReferenceSolver, group_cost, group_scores, reconstruction_error
 from slimgpt.solver.structured import greedy_remove_units, group_sizes, remove_channels
 
@@ -162,11 +162,14 @@ def test_block_inverse_equals_the_inverse(n: int) -> None:
     H = _spd(n, seed=n)
     inverse = spd_inverse(H, block=64)  # several recursion levels, uneven splits
     truth = torch.linalg.inv(H)
+    M = inverse_cholesky_factor(H, block=64)
+    assert torch.equal(M, M.tril())  # the inverse of the Cholesky factor: lower triangular
+    assert (M @ torch.linalg.cholesky(H) - torch.eye(n, dtype=H.dtype)).abs().max() < 1e-10
     assert (inverse - truth).norm() / truth.norm() < 1e-10
     single = spd_inverse(H.float(), block=64).double()
     lapack = torch.cholesky_inverse(torch.linalg.cholesky(H.float())).double()
     # float32: no further from the truth than LAPACK's own float32 inverse, up to a small factor
-    assert (single - truth).norm() <= 10 * (lapack - truth).norm() + 1e-6 * truth.norm()
+    assert (single - truth).norm() <= 4 * (lapack - truth).norm() + 1e-6 * truth.norm()
 
 
 def test_block_inverse_rejects_an_indefinite_matrix() -> None:
@@ -186,7 +189,7 @@ def _pruned_pair(seed: int, d_in: int = 48) -> tuple[FastSolver, torch.Tensor, t
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_compacted_state_equals_the_masked_one(seed: int) -> None:
+def test_factored_state_equals_the_masked_one(seed: int) -> None:
     solver, W, X, H = _pruned_pair(seed)
     pruned = solver.pruned
     keep = (~pruned).nonzero().flatten()
@@ -200,7 +203,7 @@ def test_compacted_state_equals_the_masked_one(seed: int) -> None:
     optimum = torch.linalg.lstsq(X[keep].t(), (W @ X).t()).solution.t()
     assert (solver.weight[:, keep] - optimum).norm() / optimum.norm() < 1e-10
     assert torch.all(solver.weight[:, pruned] == 0)
-    # The compact scores equal the straightforward ones computed from the full-size views.
+    # The fast solver's scores equal the straightforward ones computed from the full-size views.
     errors, reference = solver.channel_errors(), _Solver.channel_errors(solver)
     assert torch.equal(torch.isinf(errors), pruned)
     assert torch.allclose(errors[keep], reference[keep], rtol=1e-10, atol=0)
@@ -208,7 +211,7 @@ def test_compacted_state_equals_the_masked_one(seed: int) -> None:
 
 @pytest.mark.parametrize("mode", ["gcd", "gcd-diag", "diag"])
 @pytest.mark.parametrize("contiguous", [True, False])
-def test_compact_unit_scores_equal_the_full_ones(mode: str, contiguous: bool) -> None:
+def test_fast_unit_scores_equal_the_full_ones(mode: str, contiguous: bool) -> None:
     W, _, H = _layer(d_out=10, d_in=48, seed=3)
     columns = torch.arange(48) if contiguous else torch.randperm(48, generator=torch.Generator().manual_seed(0))
     units = columns.view(12, 4)  # 12 units of 4 columns: contiguous heads, or scattered columns
@@ -222,18 +225,11 @@ def test_compact_unit_scores_equal_the_full_ones(mode: str, contiguous: bool) ->
     assert torch.allclose(scores[alive], reference[alive].to(scores.dtype), rtol=1e-10, atol=0)
 
 
-def test_heads_stay_contiguous_after_compaction() -> None:
+def test_removed_units_cannot_go_again() -> None:
     W, _, H = _layer(d_out=10, d_in=48, seed=4)
     units = torch.arange(48).view(8, 6)
     solver = FastSolver(W, H, compensate=True)
     removed = greedy_remove_units(solver, units, rounds=2, buckets=[[0, 1, 2, 3], [4, 5, 6, 7]])
-    for unit in (7, 1, 5):  # the last head, a front head, then whichever: every kind of refill
-        if unit not in removed:
-            solver.remove(units[unit])
-            removed.append(unit)
-    alive = [u for u in range(8) if u not in removed]
-    pos = solver._position[units[alive]]
-    assert torch.equal(pos, pos[:, :1] + torch.arange(6))  # each head one block: the in-place GEMM path
     with pytest.raises(ValueError, match="already removed"):
         solver.remove(units[removed[0]])
     scores = solver.unit_scores(units, torch.ones(8, dtype=torch.bool), "gcd")  # a stale alive mask
