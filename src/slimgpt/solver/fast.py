@@ -49,7 +49,7 @@ class FastSolver(_Solver):
         self._M = inverse_cholesky_factor(hessian.to(self.dtype))  # [d, d], Hinv = M^T M
         self._C = self._w.new_empty(0, d)  # [T, d] downdate factors (capacity grows by doubling)
         self._T = 0
-        self._diag = self._M.square().sum(0)  # [d]: diag(M^T M) = column norms of M
+        self._diag = torch.linalg.vector_norm(self._M, dim=0).square_()  # [d]: diag(M^T M)
         self._pruned = torch.zeros(d, dtype=torch.bool, device=weight.device)
         self._blocks: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (units, blocks, T folded in)
 
@@ -71,15 +71,27 @@ class FastSolver(_Solver):
         return full
 
     def _rows(self, columns: torch.Tensor) -> torch.Tensor:
-        """Hinv[P, :] over the survivors ([p, d], zero at removed columns)."""
-        s = int(columns.min())  # M is lower triangular: its columns P are zero above row s
-        M_P = self._M[s:, columns] if _contiguous_starts(columns[None]) is None else \
-            self._M[s:, s:s + len(columns)]
-        rows = M_P.mT @ self._M[s:]  # [p, d]: (M^T M)[P, :]
+        """Hinv[P, :] over the survivors ([p, d], zero at removed columns); ``columns`` sorted.
+
+        M is lower triangular, so column j of M is zero above row j: (M^T M)[P_c, :] needs only M's rows
+        from min(P_c) on. Scattered columns (FFN channels) go in chunks, each from its own first row,
+        which halves the work against one product from row min(P).
+        """
+        if _contiguous_starts(columns[None]) is not None:
+            chunks = [columns]
+        else:
+            chunks = list(columns.tensor_split(max(1, min(8, len(columns) // 32))))
+        parts = []
+        for chunk in chunks:
+            s = int(chunk[0])
+            M_c = self._M[s:, s:s + len(chunk)] if len(chunks) == 1 and _contiguous_starts(chunk[None]) \
+                is not None else self._M[s:, chunk]  # [d - s, |P_c|]
+            parts.append(M_c.mT @ self._M[s:])  # [|P_c|, d]: (M^T M)[P_c, :]
+        rows = parts[0] if len(parts) == 1 else torch.cat(parts)
         if self._T:
             C = self._C[:self._T]
             rows.addmm_(C[:, columns].mT, C, alpha=-1)  # minus (C^T C)[P, :]
-        rows[:, self._pruned] = 0
+        rows.masked_fill_(self._pruned, 0)  # removed columns are decoupled
         return rows
 
     def _append(self, F: torch.Tensor) -> None:
@@ -93,7 +105,7 @@ class FastSolver(_Solver):
         self._T = need
 
     def remove(self, columns: torch.Tensor) -> None:
-        columns = columns.to(self._pruned.device)
+        columns = columns.to(self._pruned.device).sort().values  # the set matters, not its order
         if columns.numel() == 0:
             return
         if bool(self._pruned[columns].any()) or len(torch.unique(columns)) != len(columns):

@@ -14,7 +14,7 @@ import torch
 from slimgpt.errors import NumericalError
 
 # Below this size the recursion hands over to LAPACK: GEMMs this small no longer beat it.
-INVERSE_BLOCK = 256
+INVERSE_BLOCK = 128
 
 
 def cholesky(matrix: torch.Tensor, upper: bool = False) -> torch.Tensor:
