@@ -15,8 +15,8 @@ class _Solver:
     ``weight`` is the full d_out x d_in weight with removed columns zero; ``pruned`` marks them;
     ``inverse()`` is the inverse Hessian over the surviving columns, the removed ones decoupled (zero
     rows and columns, unit diagonal). The scores below are what the greedy rounds need each round; the
-    defaults compute them from those full-size views (the straightforward way); a solver that keeps
-    its state compact overrides them so that no full-size matrix is built per round.
+    defaults compute them from those full-size views (the straightforward way); the fast solver, which
+    never forms the inverse, overrides them so that no full-size matrix is built per round.
     """
 
     def __init__(self, weight: torch.Tensor, hessian: torch.Tensor, compensate: bool) -> None:

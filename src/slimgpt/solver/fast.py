@@ -77,15 +77,12 @@ class FastSolver(_Solver):
         from min(P_c) on. Scattered columns (FFN channels) go in chunks, each from its own first row,
         which halves the work against one product from row min(P).
         """
-        if _contiguous_starts(columns[None]) is not None:
-            chunks = [columns]
-        else:
-            chunks = list(columns.tensor_split(max(1, min(8, len(columns) // 32))))
+        contiguous = _contiguous_starts(columns[None]) is not None  # a head: one slice of M, no gather
+        chunks = [columns] if contiguous else list(columns.tensor_split(max(1, min(8, len(columns) // 32))))
         parts = []
         for chunk in chunks:
             s = int(chunk[0])
-            M_c = self._M[s:, s:s + len(chunk)] if len(chunks) == 1 and _contiguous_starts(chunk[None]) \
-                is not None else self._M[s:, chunk]  # [d - s, |P_c|]
+            M_c = self._M[s:, s:s + len(chunk)] if contiguous else self._M[s:, chunk]  # [d - s, |P_c|]
             parts.append(M_c.mT @ self._M[s:])  # [|P_c|, d]: (M^T M)[P_c, :]
         rows = parts[0] if len(parts) == 1 else torch.cat(parts)
         if self._T:

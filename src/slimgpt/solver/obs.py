@@ -12,9 +12,10 @@ Two solvers give the same result (tested):
   decoupled, takes the upper Cholesky factor of the permuted inverse and runs the sequential
   GPTQ/SparseGPT recursion over the removed columns. O(d^3) per round. It is the baseline the fast
   solver is timed against, so it stays the straightforward one.
-- ``FastSolver`` (``solver/fast.py``) inverts H once and then keeps the inverse over the surviving
-  columns only, downdating it with the Schur complement Hinv_RR <- Hinv_RR - Hinv_RP Hinv_PP^-1 Hinv_PR
-  (exactly the inverse of H_RR) and applying the block update above. O(d^2 |P|) per round.
+- ``FastSolver`` (``solver/fast.py``) factors H once (M = L^-1, Hinv = M^T M) and then applies the
+  Schur complement Hinv_RR <- Hinv_RR - Hinv_RP Hinv_PP^-1 Hinv_PR (exactly the inverse of H_RR) as a
+  stacked low-rank factor, Hinv = M^T M - C^T C, with the block update above. O(d^2 |P|) per round, and
+  no d x d matrix is formed, masked or symmetrised per round.
 """
 
 from __future__ import annotations
