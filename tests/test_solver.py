@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from slimgpt.errors import NumericalError
+from slimgpt.solver.base import _Solver
 from slimgpt.solver.hessian import InputStatistics, damped_inverse, prepare_hessian
+from slimgpt.solver.linalg import inverse_cholesky_factor, spd_inverse
 from slimgpt.solver.obs import FastSolver, ReferenceSolver, group_cost, group_scores, reconstruction_error
 from slimgpt.solver.structured import greedy_remove_units, group_sizes, remove_channels
 
@@ -144,3 +146,154 @@ def test_damping_is_raised_then_a_clear_error() -> None:
     nearly_singular = torch.ones(4, 4)  # rank one: fails without extra damping, passes with it
     inverse = damped_inverse(nearly_singular, 0.0)
     assert torch.isfinite(inverse).all()
+
+
+# --- The fast solver's own paths: GEMM inverse, compacted state, score fast paths, thread counts ---
+
+
+def _spd(n: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    return (A @ A.t() / n + 0.05 * torch.eye(n, dtype=torch.float64)).to(dtype)
+
+
+@pytest.mark.parametrize("n", [64, 200, 333, 700])
+def test_block_inverse_equals_the_inverse(n: int) -> None:
+    H = _spd(n, seed=n)
+    inverse = spd_inverse(H, block=64)  # several recursion levels, uneven splits
+    truth = torch.linalg.inv(H)
+    M = inverse_cholesky_factor(H, block=64)
+    assert torch.equal(M, M.tril())  # the inverse of the Cholesky factor: lower triangular
+    assert (M @ torch.linalg.cholesky(H) - torch.eye(n, dtype=H.dtype)).abs().max() < 1e-10
+    assert (inverse - truth).norm() / truth.norm() < 1e-10
+    single = spd_inverse(H.float(), block=64).double()
+    lapack = torch.cholesky_inverse(torch.linalg.cholesky(H.float())).double()
+    # float32: no further from the truth than LAPACK's own float32 inverse, up to a small factor
+    assert (single - truth).norm() <= 4 * (lapack - truth).norm() + 1e-6 * truth.norm()
+
+
+def test_block_inverse_rejects_an_indefinite_matrix() -> None:
+    H = _spd(300, seed=1)
+    H[250, 250] = -1.0  # a negative pivot in the second block
+    with pytest.raises(NumericalError, match="damping"):
+        spd_inverse(H, block=64)
+
+
+def _pruned_pair(seed: int, d_in: int = 48) -> tuple[FastSolver, torch.Tensor, torch.Tensor, torch.Tensor]:
+    W, X, H = _layer(d_out=10, d_in=d_in, seed=seed)
+    solver = FastSolver(W, H, compensate=True)
+    order = torch.randperm(d_in, generator=torch.Generator().manual_seed(seed))
+    for part in (order[:5], order[5:7], order[7:16]):  # holes in front and survivors at the tail
+        solver.remove(part)
+    return solver, W, X, H
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_factored_state_equals_the_masked_one(seed: int) -> None:
+    solver, W, X, H = _pruned_pair(seed)
+    pruned = solver.pruned
+    keep = (~pruned).nonzero().flatten()
+    assert int(pruned.sum()) == 16
+    masked = H.clone()  # H with the removed columns decoupled, inverted from scratch
+    masked[pruned, :] = 0
+    masked[:, pruned] = 0
+    masked[pruned, pruned] = 1
+    truth = torch.linalg.inv(masked)
+    assert (solver.inverse() - truth).norm() / truth.norm() < 1e-10
+    optimum = torch.linalg.lstsq(X[keep].t(), (W @ X).t()).solution.t()
+    assert (solver.weight[:, keep] - optimum).norm() / optimum.norm() < 1e-10
+    assert torch.all(solver.weight[:, pruned] == 0)
+    # The fast solver's scores equal the straightforward ones computed from the full-size views.
+    errors, reference = solver.channel_errors(), _Solver.channel_errors(solver)
+    assert torch.equal(torch.isinf(errors), pruned)
+    assert torch.allclose(errors[keep], reference[keep], rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["gcd", "gcd-diag", "diag"])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_fast_unit_scores_equal_the_full_ones(mode: str, contiguous: bool) -> None:
+    W, _, H = _layer(d_out=10, d_in=48, seed=3)
+    columns = torch.arange(48) if contiguous else torch.randperm(48, generator=torch.Generator().manual_seed(0))
+    units = columns.view(12, 4)  # 12 units of 4 columns: contiguous heads, or scattered columns
+    solver = FastSolver(W, H, compensate=True)
+    alive = torch.ones(12, dtype=torch.bool)
+    for unit in (2, 11, 0):
+        solver.remove(units[unit])
+        alive[unit] = False
+    scores, reference = solver.unit_scores(units, alive, mode), _Solver.unit_scores(solver, units, alive, mode)
+    assert torch.equal(torch.isinf(scores), ~alive)
+    assert torch.allclose(scores[alive], reference[alive].to(scores.dtype), rtol=1e-10, atol=0)
+
+
+def test_removed_units_cannot_go_again() -> None:
+    W, _, H = _layer(d_out=10, d_in=48, seed=4)
+    units = torch.arange(48).view(8, 6)
+    solver = FastSolver(W, H, compensate=True)
+    removed = greedy_remove_units(solver, units, rounds=2, buckets=[[0, 1, 2, 3], [4, 5, 6, 7]])
+    with pytest.raises(ValueError, match="already removed"):
+        solver.remove(units[removed[0]])
+    scores = solver.unit_scores(units, torch.ones(8, dtype=torch.bool), "gcd")  # a stale alive mask
+    assert torch.equal(torch.isinf(scores), torch.isin(torch.arange(8), torch.tensor(removed)))
+
+
+@pytest.mark.parametrize("compensate", [True, False])
+def test_fast_matches_reference_with_buckets_and_without_compensation(compensate: bool) -> None:
+    W, _, H = _layer(d_out=16, d_in=64, seed=5)
+    W, H = W.float(), prepare_hessian(H.float(), W.float().clone(), 0.01)
+    units = torch.arange(64).view(16, 4)
+    buckets = [list(range(8)), list(range(8, 16))]  # GQA's query-head policy: two units a round
+    results = []
+    for cls in (ReferenceSolver, FastSolver):
+        solver = cls(W, H, compensate=compensate)
+        removed = greedy_remove_units(solver, units, rounds=3, buckets=buckets)
+        results.append((removed, solver.weight))
+    assert results[0][0] == results[1][0]
+    assert (results[0][1] - results[1][1]).norm() / results[0][1].norm() < 1e-4
+
+
+def test_removing_every_column_leaves_a_zero_weight() -> None:
+    W, _, H = _layer(d_in=16)
+    solver = FastSolver(W, H, compensate=True)
+    solver.remove(torch.arange(8, 16))
+    solver.remove(torch.arange(8))
+    assert torch.all(solver.weight == 0) and torch.all(solver.pruned)
+
+
+def _large_layer() -> tuple[torch.Tensor, torch.Tensor]:
+    """Wide enough (d_in 640) that the fast solver's inverse takes the recursive GEMM path."""
+    W, _, H = _layer(d_out=64, d_in=640, tokens=2000, seed=6)
+    W, H = W.float(), H.float()
+    return W, prepare_hessian(H, W.clone(), 0.01)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_large_layer_same_sets_at_any_thread_count(threads: int) -> None:
+    W, H = _large_layer()
+    units = torch.arange(640).view(10, 64)
+    sizes = group_sizes(320, "authors", start=128, floor=16)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        heads, channels = [], []
+        for cls in (ReferenceSolver, FastSolver):
+            solver = cls(W, H, compensate=True)
+            heads.append((greedy_remove_units(solver, units, rounds=5), solver.weight))
+            solver = cls(W, H, compensate=True)
+            channels.append((sorted(remove_channels(solver, sizes)), solver.weight))
+    finally:
+        torch.set_num_threads(previous)
+    for (ref_set, ref_w), (fast_set, fast_w) in (heads, channels):
+        assert ref_set == fast_set
+        assert (ref_w - fast_w).norm() / ref_w.norm() < 1e-4
+    # The same sets as a run at the other thread count (pinned: the reference's sets at 1 thread).
+    assert heads[0][0] == _pinned_large_layer_heads()
+
+
+def _pinned_large_layer_heads() -> list[int]:
+    W, H = _large_layer()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return greedy_remove_units(ReferenceSolver(W, H, compensate=True), torch.arange(640).view(10, 64), rounds=5)
+    finally:
+        torch.set_num_threads(previous)

@@ -10,27 +10,27 @@ and cost  E(P) = tr(W_P (Hinv_PP)^-1 W_P^T)  in units of the layer-wise squared 
 Two solvers give the same result (tested):
 - ``ReferenceSolver`` is the authors' way: every round it re-inverts H with the pruned columns
   decoupled, takes the upper Cholesky factor of the permuted inverse and runs the sequential
-  GPTQ/SparseGPT recursion over the removed columns. O(d^3) per round.
-- ``FastSolver`` keeps Hinv up to date with a Schur-complement downdate
-  Hinv_RR <- Hinv_RR - Hinv_RP Hinv_PP^-1 Hinv_PR, which is exactly the inverse of H_RR, and applies
-  the block update above. O(d^2 |P|) per round.
+  GPTQ/SparseGPT recursion over the removed columns. O(d^3) per round. It is the baseline the fast
+  solver is timed against, so it stays the straightforward one.
+- ``FastSolver`` (``solver/fast.py``) factors H once (M = L^-1, Hinv = M^T M) and then applies the
+  Schur complement Hinv_RR <- Hinv_RR - Hinv_RP Hinv_PP^-1 Hinv_PR (exactly the inverse of H_RR) as a
+  stacked low-rank factor, Hinv = M^T M - C^T C, with the block update above. O(d^2 |P|) per round, and
+  no d x d matrix is formed, masked or symmetrised per round.
 """
 
 from __future__ import annotations
 
 import torch
 
-from slimgpt.errors import NumericalError
+from slimgpt.solver.base import _Solver
+from slimgpt.solver.fast import FastSolver
+from slimgpt.solver.linalg import cholesky as _cholesky
+from slimgpt.solver.linalg import group_scores
 
-
-def _cholesky(matrix: torch.Tensor, upper: bool = False) -> torch.Tensor:
-    factor, info = torch.linalg.cholesky_ex(matrix, upper=upper)
-    if bool((info != 0).any()) or not bool(torch.isfinite(factor).all()):
-        raise NumericalError(
-            "a block of the inverse Hessian is not positive definite; raise the damping (--percdamp, "
-            "e.g. 0.1) or use more calibration data (--nsamples)"
-        )
-    return factor
+__all__ = [
+    "SOLVERS", "FastSolver", "ReferenceSolver", "_Solver", "group_cost", "group_scores", "make_solver",
+    "reconstruction_error",
+]
 
 
 def _decouple(matrix: torch.Tensor, columns: torch.Tensor) -> None:
@@ -40,25 +40,22 @@ def _decouple(matrix: torch.Tensor, columns: torch.Tensor) -> None:
     matrix[columns, columns] = 1
 
 
-class _Solver:
-    """State of one weight being pruned: the (compensated) weight and which columns are gone."""
-
-    def __init__(self, weight: torch.Tensor, hessian: torch.Tensor, compensate: bool) -> None:
-        dtype = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 if given
-        self.weight = weight.to(dtype).clone()
-        self.hessian = hessian.to(dtype)
-        self.compensate = compensate
-        self.pruned = torch.zeros(weight.shape[1], dtype=torch.bool, device=weight.device)
-
-    def inverse(self) -> torch.Tensor:
-        raise NotImplementedError  # pragma: no cover - abstract
-
-    def remove(self, columns: torch.Tensor) -> None:
-        raise NotImplementedError  # pragma: no cover - abstract
-
-
 class ReferenceSolver(_Solver):
     """The straightforward solver: a fresh inverse and a sequential OBS recursion every round."""
+
+    def __init__(self, weight: torch.Tensor, hessian: torch.Tensor, compensate: bool) -> None:
+        super().__init__(weight, hessian, compensate)
+        self._weight = weight.to(self.dtype).clone()
+        self.hessian = hessian.to(self.dtype)
+        self._pruned = torch.zeros(weight.shape[1], dtype=torch.bool, device=weight.device)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._weight
+
+    @property
+    def pruned(self) -> torch.Tensor:
+        return self._pruned
 
     def inverse(self) -> torch.Tensor:
         H = self.hessian.clone()
@@ -83,58 +80,11 @@ class ReferenceSolver(_Solver):
         self.pruned[columns] = True
 
 
-class FastSolver(_Solver):
-    """Exact downdates of Hinv instead of re-inversion (method spec section 6)."""
-
-    def __init__(self, weight: torch.Tensor, hessian: torch.Tensor, compensate: bool) -> None:
-        super().__init__(weight, hessian, compensate)
-        self._inverse = torch.cholesky_inverse(_cholesky(self.hessian))
-
-    def inverse(self) -> torch.Tensor:
-        return self._inverse
-
-    def remove(self, columns: torch.Tensor) -> None:
-        Hinv = self._inverse
-        block_factor = _cholesky(Hinv[columns][:, columns])  # Hinv_PP = L L^T
-        rows = Hinv[columns, :]  # Hinv_P:  [|P|, d]
-        # Hinv_PP^-1 Hinv_P: via the Cholesky factor, no explicit inverse.
-        solved = torch.cholesky_solve(rows, block_factor)
-        if self.compensate:
-            self.weight -= self.weight[:, columns] @ solved
-        self.weight[:, columns] = 0
-        Hinv -= rows.t() @ solved  # Schur complement: the inverse of H over the surviving columns
-        Hinv.copy_((Hinv + Hinv.t()) / 2)  # keep it symmetric against rounding drift
-        _decouple(Hinv, columns)
-        self.pruned[columns] = True
-
-
 SOLVERS: dict[str, type[_Solver]] = {"fast": FastSolver, "reference": ReferenceSolver}
 
 
 def make_solver(name: str, weight: torch.Tensor, hessian: torch.Tensor, compensate: bool = True) -> _Solver:
     return SOLVERS[name](weight, hessian, compensate)
-
-
-def group_scores(weight: torch.Tensor, Hinv: torch.Tensor, units: torch.Tensor, mode: str = "gcd") -> torch.Tensor:
-    """Error of removing each unit (a group of columns) on its own, shape [n_units].
-
-    units: [n_units, g] column indices. Modes (method spec section 4):
-    - ``gcd``: exact group OBS cost tr(W_P B^-1 W_P^T) with B = Hinv[P, P] = L L^T, from one batched
-      Cholesky: ||L^-1 W_P^T||_F^2. Equals the cost of the sequential recursion over the group.
-    - ``gcd-diag``: sum_j ||W_j||^2 / L_jj^2, the Cholesky denominators with the unupdated columns
-      (the authors' score; L_jj^2 is OBS's Hinv_jj after the group's earlier columns are removed).
-    - ``diag``: sum_j ||W_j||^2 / Hinv_jj, each column as if removed alone (the paper's "-GCD" ablation).
-    """
-    blocks = Hinv[units[:, :, None], units[:, None, :]]  # [U, g, g]
-    columns = weight[:, units].permute(1, 2, 0)  # [U, g, d_out]
-    if mode == "diag":
-        return (columns.square().sum(-1) / blocks.diagonal(dim1=1, dim2=2)).sum(-1)
-    L = _cholesky(blocks)
-    if mode == "gcd-diag":
-        return (columns.square().sum(-1) / L.diagonal(dim1=1, dim2=2).square()).sum(-1)
-    if mode == "gcd":
-        return torch.linalg.solve_triangular(L, columns, upper=False).square().sum((-2, -1))
-    raise ValueError(f"unknown head score {mode!r}; choose gcd, gcd-diag or diag")
 
 
 def group_cost(weight: torch.Tensor, Hinv: torch.Tensor, columns: torch.Tensor) -> float:

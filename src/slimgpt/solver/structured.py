@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from slimgpt.solver.obs import _Solver, group_scores
+from slimgpt.solver.base import _Solver
 
 GROUP_SCHEDULES = ("halving", "authors", "fixed")
 
@@ -36,8 +36,7 @@ def greedy_remove_units(
     alive = torch.ones(len(units), dtype=torch.bool)
     removed: list[int] = []
     for _ in range(rounds):
-        scores = group_scores(solver.weight, solver.inverse(), units, score).cpu()
-        scores[~alive] = math.inf
+        scores = solver.unit_scores(units, alive, score)
         chosen = []
         for bucket in buckets:
             bucket_scores = scores[bucket]
@@ -88,9 +87,7 @@ def remove_channels(solver: _Solver, sizes: list[int]) -> list[int]:
     """Remove single columns in groups of the given sizes, cheapest OBS error first each round."""
     removed: list[int] = []
     for size in sizes:
-        Hinv = solver.inverse()
-        errors = solver.weight.square().sum(0) / Hinv.diagonal()
-        errors[solver.pruned] = math.inf
+        errors = solver.channel_errors()
         chosen = torch.topk(errors, size, largest=False).indices
         solver.remove(chosen)
         removed.extend(chosen.tolist())
