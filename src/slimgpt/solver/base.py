@@ -9,7 +9,7 @@ import torch
 from slimgpt.solver.linalg import group_scores
 
 
-class _Solver:
+class Solver:
     """State of one weight being pruned: the (compensated) weight and which columns are gone.
 
     ``weight`` is the full d_out x d_in weight with removed columns zero; ``pruned`` marks them;

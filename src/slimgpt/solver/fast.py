@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from slimgpt.solver.base import _Solver
+from slimgpt.solver.base import Solver
 from slimgpt.solver.linalg import block_scores, cholesky, inverse_cholesky_factor
 
 
@@ -34,7 +34,7 @@ def _contiguous_starts(units: torch.Tensor) -> list[int] | None:
     return None
 
 
-class FastSolver(_Solver):
+class FastSolver(Solver):
     """Exact downdates of Hinv instead of re-inversion (method spec section 6), as low-rank factors.
 
     State: ``_w`` the compensated full weight (removed columns zero), ``_M`` = L^-1 (lower triangular),

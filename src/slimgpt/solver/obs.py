@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import torch
 
-from slimgpt.solver.base import _Solver
+from slimgpt.solver.base import Solver
 from slimgpt.solver.fast import FastSolver
 from slimgpt.solver.linalg import cholesky as _cholesky
 from slimgpt.solver.linalg import group_scores
 
 __all__ = [
-    "SOLVERS", "FastSolver", "ReferenceSolver", "_Solver", "group_cost", "group_scores", "make_solver",
+    "SOLVERS", "FastSolver", "ReferenceSolver", "Solver", "group_cost", "group_scores", "make_solver",
     "reconstruction_error",
 ]
 
@@ -40,7 +40,7 @@ def _decouple(matrix: torch.Tensor, columns: torch.Tensor) -> None:
     matrix[columns, columns] = 1
 
 
-class ReferenceSolver(_Solver):
+class ReferenceSolver(Solver):
     """The straightforward solver: a fresh inverse and a sequential OBS recursion every round."""
 
     def __init__(self, weight: torch.Tensor, hessian: torch.Tensor, compensate: bool) -> None:
@@ -80,10 +80,10 @@ class ReferenceSolver(_Solver):
         self.pruned[columns] = True
 
 
-SOLVERS: dict[str, type[_Solver]] = {"fast": FastSolver, "reference": ReferenceSolver}
+SOLVERS: dict[str, type[Solver]] = {"fast": FastSolver, "reference": ReferenceSolver}
 
 
-def make_solver(name: str, weight: torch.Tensor, hessian: torch.Tensor, compensate: bool = True) -> _Solver:
+def make_solver(name: str, weight: torch.Tensor, hessian: torch.Tensor, compensate: bool = True) -> Solver:
     return SOLVERS[name](weight, hessian, compensate)
 
 

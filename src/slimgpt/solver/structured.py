@@ -13,13 +13,13 @@ import math
 
 import torch
 
-from slimgpt.solver.base import _Solver
+from slimgpt.solver.base import Solver
 
 GROUP_SCHEDULES = ("halving", "authors", "fixed")
 
 
 def greedy_remove_units(
-    solver: _Solver,
+    solver: Solver,
     units: torch.Tensor,
     rounds: int,
     buckets: list[list[int]] | None = None,
@@ -83,7 +83,7 @@ def group_sizes(total: int, schedule: str = "halving", start: int = 1024, floor:
     raise ValueError(f"unknown group schedule {schedule!r}; choose one of {GROUP_SCHEDULES}")
 
 
-def remove_channels(solver: _Solver, sizes: list[int]) -> list[int]:
+def remove_channels(solver: Solver, sizes: list[int]) -> list[int]:
     """Remove single columns in groups of the given sizes, cheapest OBS error first each round."""
     removed: list[int] = []
     for size in sizes:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from slimgpt.errors import NumericalError
-from slimgpt.solver.base import _Solver
+from slimgpt.solver.base import Solver
 from slimgpt.solver.hessian import InputStatistics, damped_inverse, prepare_hessian
 from slimgpt.solver.linalg import inverse_cholesky_factor, spd_inverse
 from slimgpt.solver.obs import FastSolver, ReferenceSolver, group_cost, group_scores, reconstruction_error
@@ -204,7 +204,7 @@ def test_factored_state_equals_the_masked_one(seed: int) -> None:
     assert (solver.weight[:, keep] - optimum).norm() / optimum.norm() < 1e-10
     assert torch.all(solver.weight[:, pruned] == 0)
     # The fast solver's scores equal the straightforward ones computed from the full-size views.
-    errors, reference = solver.channel_errors(), _Solver.channel_errors(solver)
+    errors, reference = solver.channel_errors(), Solver.channel_errors(solver)
     assert torch.equal(torch.isinf(errors), pruned)
     assert torch.allclose(errors[keep], reference[keep], rtol=1e-10, atol=0)
 
@@ -220,7 +220,7 @@ def test_fast_unit_scores_equal_the_full_ones(mode: str, contiguous: bool) -> No
     for unit in (2, 11, 0):
         solver.remove(units[unit])
         alive[unit] = False
-    scores, reference = solver.unit_scores(units, alive, mode), _Solver.unit_scores(solver, units, alive, mode)
+    scores, reference = solver.unit_scores(units, alive, mode), Solver.unit_scores(solver, units, alive, mode)
     assert torch.equal(torch.isinf(scores), ~alive)
     assert torch.allclose(scores[alive], reference[alive].to(scores.dtype), rtol=1e-10, atol=0)
 
