@@ -11,7 +11,7 @@ from slimgpt.solver.schedule import SCHEDULES
 from slimgpt.solver.structured import GROUP_SCHEDULES
 
 CONFIG_VERSION = 1
-METHODS = ("slimgpt", "magnitude", "wanda-sp", "flap", "llm-pruner", "slicegpt")
+METHODS = ("slimgpt", "magnitude", "wanda-sp", "flap", "llm-pruner", "slicegpt", "dynamic-slicing")
 HEAD_SCORES = ("gcd", "gcd-diag", "diag")
 GQA_POLICIES = ("kv-group", "query-heads")
 SOLVERS = ("fast", "reference")
@@ -31,7 +31,8 @@ class PruneConfig:
     solver: "fast" (Schur downdates) or "reference" (re-invert every round, the authors' way).
     round_to: keep every layer's FFN width a multiple of this.
     method: "slimgpt", or a baseline (slimgpt.baselines): "magnitude", "wanda-sp", "flap", "llm-pruner";
-        or "slicegpt" (slimgpt.slicegpt), which narrows the hidden width instead of removing heads / channels.
+        or "slicegpt" (slimgpt.slicegpt), which narrows the hidden width instead of removing heads / channels,
+        and "dynamic-slicing" (slimgpt.methods.dynamic_slicing), SliceGPT with a width per layer.
     taylor_samples / taylor_seqlen: LLM-Pruner's gradient pass uses the first ``taylor_samples``
         calibration windows cut to ``taylor_seqlen`` tokens (the authors: 10 samples of 64 tokens).
     device: where the layer being pruned runs; offload: keep calibration activations on the CPU.

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from slimgpt.config import PruneConfig
-from slimgpt.methods import flap, llm_pruner, magnitude, slicegpt, slimgpt, wanda_sp
+from slimgpt.methods import dynamic_slicing, flap, llm_pruner, magnitude, slicegpt, slimgpt, wanda_sp
 from slimgpt.methods.base import METHODS, Decision, LayerMethod, Method, ModelMethod, ModelRun, PruneJob, register
 
 __all__ = ["METHODS", "Decision", "LayerMethod", "Method", "ModelMethod", "ModelRun", "PruneJob", "get_method",
            "register"]
-_MODULES = (flap, llm_pruner, magnitude, slicegpt, slimgpt, wanda_sp)  # imported for their registration
+# imported for their registration
+_MODULES = (dynamic_slicing, flap, llm_pruner, magnitude, slicegpt, slimgpt, wanda_sp)
 
 
 def get_method(config: PruneConfig) -> Method:
