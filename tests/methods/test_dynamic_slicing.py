@@ -171,7 +171,7 @@ class _StreamingHooks(LayerHooks):
 def test_streaming_and_export_are_refused(tmp_path, tokenizer, capsys) -> None:  # type: ignore[no-untyped-def]
     from slimgpt.cli import main
 
-    with pytest.raises(ConfigError, match="dynamic-slicing .*whole model in memory"):
+    with pytest.raises(ConfigError, match=r"dynamic-slicing .*whole model in memory"):
         prune_model(make_model("llama"), _config(), calibration(), progress=False, layer_hooks=_StreamingHooks())
     model = make_model("llama")
     report = prune_model(model, _config(), calibration(), progress=False)
