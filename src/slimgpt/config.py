@@ -14,7 +14,8 @@ from slimgpt.solver.schedule import ALL_SCHEDULES, AUTO
 from slimgpt.solver.structured import GROUP_SCHEDULES
 
 CONFIG_VERSION = 1
-METHODS = ("slimgpt", "magnitude", "wanda-sp", "flap", "llm-pruner", "slicegpt", "fasp", "prunenet", "modegpt")
+METHODS = ("slimgpt", "magnitude", "wanda-sp", "flap", "llm-pruner", "slicegpt", "fasp", "prunenet", "modegpt",
+           "dynamic-slicing")
 HEAD_SCORES = ("gcd", "gcd-diag", "diag")
 GQA_POLICIES = ("kv-group", "query-heads")
 SOLVERS = ("fast", "reference")
@@ -37,8 +38,8 @@ class PruneConfig:
     method: a registered method (slimgpt.methods, one file each): "slimgpt"; the baselines "magnitude",
         "wanda-sp", "flap", "llm-pruner"; "slicegpt", which narrows the hidden width instead of removing
         heads / channels; the peers "fasp" (Wanda-style scores with a least-squares restoration),
-        "prunenet" (a calibration-free policy, uniform FFN width) and "modegpt" (keeps every head and
-        shrinks their dims).
+        "prunenet" (a calibration-free policy, uniform FFN width), "modegpt" (keeps every head and
+        shrinks their dims) and "dynamic-slicing" (SliceGPT with a width per layer).
     taylor_samples / taylor_seqlen: LLM-Pruner's gradient pass uses the first ``taylor_samples``
         calibration windows cut to ``taylor_seqlen`` tokens (the authors: 10 samples of 64 tokens).
     device: where the layer being pruned runs; offload: keep calibration activations on the CPU.

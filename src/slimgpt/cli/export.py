@@ -52,7 +52,9 @@ def check_source(args: argparse.Namespace) -> Path:
                           "which no export format describes: load it with slimgpt (`import slimgpt`, then "
                           "from_pretrained)")
     if config_path.exists() and json.loads(config_path.read_text()).get("slice_dims"):
-        raise ConfigError(f"{source} was sliced by --method slicegpt (shortcut matrices between layers), which no "
+        report_path = source / "slimgpt_report.json"
+        method = json.loads(report_path.read_text()).get("method", "slicegpt") if report_path.exists() else "slicegpt"
+        raise ConfigError(f"{source} was sliced by --method {method} (shortcut matrices between layers), which no "
                           "export format describes: load it with slimgpt (`import slimgpt`, then from_pretrained)")
     if args.export_format != "remote-code" and args.output is None:
         kind = "file" if args.export_format == "gguf" else "folder"

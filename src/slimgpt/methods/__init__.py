@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 from slimgpt.config import PruneConfig
-from slimgpt.methods import fasp, flap, llm_pruner, magnitude, modegpt, prunenet, slicegpt, slimgpt, wanda_sp
+from slimgpt.methods import (
+    dynamic_slicing,
+    fasp,
+    flap,
+    llm_pruner,
+    magnitude,
+    modegpt,
+    prunenet,
+    slicegpt,
+    slimgpt,
+    wanda_sp,
+)
 from slimgpt.methods.base import METHODS, Decision, LayerMethod, Method, ModelMethod, ModelRun, PruneJob, register
 
 __all__ = ["METHODS", "Decision", "LayerMethod", "Method", "ModelMethod", "ModelRun", "PruneJob", "get_method",
            "register"]
-_MODULES = (fasp, flap, llm_pruner, magnitude, modegpt, prunenet, slicegpt, slimgpt, wanda_sp)  # registered on import
+_MODULES = (dynamic_slicing, fasp, flap, llm_pruner, magnitude, modegpt, prunenet, slicegpt, slimgpt,
+            wanda_sp)  # registered on import
 
 
 def get_method(config: PruneConfig) -> Method:

@@ -73,13 +73,10 @@ class SliceGPTMethod(ModelMethod):
         adapter.check_sliceable(model)
         layers = list(adapter.decoder_layers(model))
         full = adapter.hidden_size
-        width = self.width if self.width is not None else plan_width(adapter, layers, config.ratio, config.round_to)
-        dims = slice_dims_for(len(layers), width, full)
-        loop = LayerLoop(torch.device(config.device), desc="slicegpt layers", progress=run.progress,
+        loop = LayerLoop(torch.device(config.device), desc=f"{self.name} layers", progress=run.progress,
                          hooks=run.hooks, stop_after_layer=run.stop_after_layer)
         reset_peak_memory(loop.device)
-        logger.info("slicegpt: hidden width %d -> %d (%.1f%% sliced) for %.1f%% of decoder parameters", full, width,
-                    100 * (1 - width / full), 100 * config.ratio)
+        dims = self.plan_dims(model, adapter, layers, calibration, loop)
         totals = RunTotals(decoder_params(model, adapter), total_params(model))
         layer_before = [layer_params(layer) for layer in layers]
         checkpoint = Checkpoint(Path(run.checkpoint_dir), stream_name="stream") if run.checkpoint_dir else None
@@ -106,13 +103,33 @@ class SliceGPTMethod(ModelMethod):
         run_layers(layers, rows, loop, step, commit if checkpoint is not None else None)
         if len(rows) == len(layers):
             _adopt_sliced_config(model, adapter, dims)
-        schedule = {"name": "uniform-slicing", "high": 1 - width / full, "low": 1 - width / full,
-                    "planned_ratio": None, "ratios": [r.ratio for r in rows], "slice_dims": dims}
-        report = assemble_report(model, self.name, config, rows, totals, decoder_params(model, adapter), schedule,
-                                 calibration, loop, run.model_name)
+        report = assemble_report(model, self.name, config, rows, totals, decoder_params(model, adapter),
+                                 self.schedule_summary(dims, full, rows), calibration, loop, run.model_name)
         report.schedule["planned_ratio"] = report.realised_ratio
-        report.ratio_convention = slicing_convention(report, width, full)
+        report.ratio_convention = self.slicing_convention(report, dims, full)
         return report
+
+    def plan_dims(self, model: nn.Module, adapter: ModelAdapter, layers: list[nn.Module], calibration: torch.Tensor,
+                  loop: LayerLoop) -> list[int]:
+        """The stream widths ``slice_dims`` (slimgpt.models.sliced), planned on the dense model before any work.
+
+        SliceGPT: one width for every stream, the one whose decoder parameter count is closest to the target.
+        """
+        config, full = self.config, adapter.hidden_size
+        width = self.width if self.width is not None else plan_width(adapter, layers, config.ratio, config.round_to)
+        logger.info("slicegpt: hidden width %d -> %d (%.1f%% sliced) for %.1f%% of decoder parameters", full, width,
+                    100 * (1 - width / full), 100 * config.ratio)
+        return slice_dims_for(len(layers), width, full)
+
+    def schedule_summary(self, dims: list[int], full: int, rows: list[LayerReport]) -> dict[str, Any]:
+        """The report's ``schedule``: the slicing planned (``planned_ratio`` is filled in afterwards)."""
+        width = dims[0]
+        return {"name": "uniform-slicing", "high": 1 - width / full, "low": 1 - width / full,
+                "planned_ratio": None, "ratios": [r.ratio for r in rows], "slice_dims": dims}
+
+    def slicing_convention(self, report: PruneReport, dims: list[int], full: int) -> str:
+        """The report's ``ratio_convention``: the method's own ratio next to slimgpt's."""
+        return slicing_convention(report, dims[0], full)
 
 
 class _Stream:
