@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from slimgpt._util.jsonconfig import JsonConfig
 from slimgpt._util.validate import check_field_types
 from slimgpt.errors import ConfigError
 from slimgpt.solver.schedule import ALL_SCHEDULES, AUTO
@@ -22,7 +22,7 @@ SOLVERS = ("fast", "reference")
 
 
 @dataclass(frozen=True)
-class PruneConfig:
+class PruneConfig(JsonConfig):
     """Everything that decides a pruning run. Defaults are the paper's (docs/paper.md section 9).
 
     ratio: fraction of decoder-layer parameters to remove (embeddings and lm_head excluded).
@@ -44,6 +44,8 @@ class PruneConfig:
         calibration windows cut to ``taylor_seqlen`` tokens (the authors: 10 samples of 64 tokens).
     device: where the layer being pruned runs; offload: keep calibration activations on the CPU.
     """
+
+    options_label: ClassVar[str] = "pruning option"
 
     method: str = "slimgpt"
     ratio: float = 0.2
@@ -112,20 +114,3 @@ class PruneConfig:
         if self.version != CONFIG_VERSION:
             raise ConfigError(f"config version {self.version} is not supported (this slimgpt reads {CONFIG_VERSION})")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> PruneConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown pruning option(s): {', '.join(unknown)}")
-        return cls(**values)
-
-    @classmethod
-    def from_json(cls, text: str) -> PruneConfig:
-        return cls.from_dict(json.loads(text))

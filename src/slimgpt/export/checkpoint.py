@@ -22,7 +22,7 @@ from slimgpt.models.families import FAMILIES, Family, base_model_type
 
 
 @dataclass
-class Checkpoint:
+class SavedModel:
     """A model folder: its config.json, every tensor (by saved name), and per-layer widths."""
 
     directory: Path
@@ -114,7 +114,7 @@ def _layer_sizes(config: dict[str, Any], row: Family, head_dim: int,
     return sizes
 
 
-def read_checkpoint(directory: str | Path) -> Checkpoint:
+def read_checkpoint(directory: str | Path) -> SavedModel:
     """Load a model folder (pruned ``slimgpt_<family>`` or a stock dense one) as tensors."""
     path = Path(directory)
     config = read_config(path)
@@ -124,7 +124,7 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
     head_dim = int(listed_head_dim or int(config["hidden_size"]) // int(config["num_attention_heads"]))
     tensors = read_tensors(path)
     sizes = _layer_sizes(config, row, head_dim, tensors)
-    return Checkpoint(path, config, tensors, family, head_dim, sizes)
+    return SavedModel(path, config, tensors, family, head_dim, sizes)
 
 
 def support_files(directory: Path) -> list[Path]:

@@ -44,7 +44,7 @@ import torch
 from slimgpt._util.files import check_file_output, write_atomic_file
 from slimgpt.errors import SlimGPTError, UnsupportedModelError
 from slimgpt.export import GGUF_OUTTYPES as OUTTYPES
-from slimgpt.export.checkpoint import Checkpoint, read_checkpoint
+from slimgpt.export.checkpoint import SavedModel, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def _nonzero(tensor: torch.Tensor | None) -> bool:
     return tensor is not None and bool(tensor.ne(0).any())
 
 
-def layer_forms(checkpoint: Checkpoint, notes: list[str]) -> list[LayerForm]:
+def layer_forms(checkpoint: SavedModel, notes: list[str]) -> list[LayerForm]:
     """Each layer's form in the file, padding only where llama.cpp's deci graph would not be exact."""
     forms = []
     for index, sizes in enumerate(checkpoint.sizes):
@@ -138,7 +138,7 @@ def llama3_rope_factors(scaling: dict[str, Any], theta: float, head_dim: int) ->
     return np.asarray(factors, dtype=np.float32)
 
 
-def check_representable(checkpoint: Checkpoint, notes: list[str]) -> None:
+def check_representable(checkpoint: SavedModel, notes: list[str]) -> None:
     """Refuse what deci cannot compute; note what it computes differently (sliding window)."""
     cfg = checkpoint.config
     if not checkpoint.row.llama_like:
@@ -162,7 +162,7 @@ def check_representable(checkpoint: Checkpoint, notes: list[str]) -> None:
                      f"context): outputs match only for sequences of at most {window} tokens")
 
 
-def write_hparams(writer: gguf.GGUFWriter, checkpoint: Checkpoint, forms: list[LayerForm], outtype: str,
+def write_hparams(writer: gguf.GGUFWriter, checkpoint: SavedModel, forms: list[LayerForm], outtype: str,
                   vocab_size: int) -> None:
     cfg, hd = checkpoint.config, checkpoint.head_dim
     writer.add_name(checkpoint.directory.resolve().name)
@@ -263,7 +263,7 @@ def _array(tensor: torch.Tensor, outtype: str) -> np.ndarray:
     return array.astype(np.float16) if outtype == "f16" and array.ndim > 1 else array
 
 
-def layer_tensors(checkpoint: Checkpoint, index: int, form: LayerForm) -> dict[str, torch.Tensor]:
+def layer_tensors(checkpoint: SavedModel, index: int, form: LayerForm) -> dict[str, torch.Tensor]:
     """Layer ``index``'s tensors under their GGUF names (HF layout, rows of q/k interleaved for RoPE)."""
     hd, T = checkpoint.head_dim, gguf.MODEL_TENSOR
     hidden = int(checkpoint.config["hidden_size"])
@@ -312,7 +312,7 @@ def layer_tensors(checkpoint: Checkpoint, index: int, form: LayerForm) -> dict[s
     return out
 
 
-def model_tensors(checkpoint: Checkpoint, forms: list[LayerForm]) -> dict[str, torch.Tensor]:
+def model_tensors(checkpoint: SavedModel, forms: list[LayerForm]) -> dict[str, torch.Tensor]:
     T = gguf.MODEL_TENSOR
     tensors = {tensor_name(T.TOKEN_EMBD, "weight"): checkpoint.tensors["model.embed_tokens.weight"],
                tensor_name(T.OUTPUT_NORM, "weight"): checkpoint.tensors["model.norm.weight"]}

@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 
 from slimgpt._util.files import write_atomic_dir
 from slimgpt.errors import SlimGPTError
-from slimgpt.export.checkpoint import Checkpoint, copy_files, read_checkpoint, support_files
+from slimgpt.export.checkpoint import SavedModel, copy_files, read_checkpoint, support_files
 from slimgpt.models.adapters import LayerSizes
 from slimgpt.models.families import FAMILIES, Family
 
@@ -85,7 +85,7 @@ def place_heads(sizes: LayerSizes, n_heads: int, n_kv_heads: int) -> HeadPlaceme
     return HeadPlacement(query_slots, kv_sources)
 
 
-def stock_widths(checkpoint: Checkpoint) -> tuple[LayerSizes, list[HeadPlacement]]:
+def stock_widths(checkpoint: SavedModel) -> tuple[LayerSizes, list[HeadPlacement]]:
     """The uniform widths of the padded model and each layer's head placement."""
     stock = checkpoint.stock_sizes
     widest = max(s.n_heads for s in checkpoint.sizes)
@@ -139,7 +139,7 @@ class BiasPlan:
     ffn_out: bool
 
 
-def _has_bias(checkpoint: Checkpoint, roles: tuple[str, ...]) -> bool:
+def _has_bias(checkpoint: SavedModel, roles: tuple[str, ...]) -> bool:
     return any(checkpoint.layer_tensor(i, role, "bias") is not None
                for i in range(len(checkpoint.sizes)) for role in roles if role in checkpoint.names)
 
@@ -158,7 +158,7 @@ def _check_no_window(row: Family, cfg: dict[str, Any], target: Family) -> None:
                 family, target.label)
 
 
-def stock_family_and_biases(checkpoint: Checkpoint) -> tuple[str, BiasPlan, dict[str, Any]]:
+def stock_family_and_biases(checkpoint: SavedModel) -> tuple[str, BiasPlan, dict[str, Any]]:
     """The stock family that can hold the model's biases, its bias layout and config overrides.
 
     The family row says what its stock config holds (slimgpt.models.families.StockBiases): stock
@@ -187,12 +187,12 @@ def stock_family_and_biases(checkpoint: Checkpoint) -> tuple[str, BiasPlan, dict
     return target.model_type, BiasPlan(*(overrides[key] for key in switches)), overrides
 
 
-def _bias(checkpoint: Checkpoint, index: int, role: str, size: int, like: torch.Tensor) -> torch.Tensor:
+def _bias(checkpoint: SavedModel, index: int, role: str, size: int, like: torch.Tensor) -> torch.Tensor:
     bias = checkpoint.layer_tensor(index, role, "bias")
     return bias if bias is not None else like.new_zeros(size)
 
 
-def padded_layer(checkpoint: Checkpoint, index: int, target: LayerSizes, placement: HeadPlacement,
+def padded_layer(checkpoint: SavedModel, index: int, target: LayerSizes, placement: HeadPlacement,
                  biases: BiasPlan) -> dict[str, torch.Tensor]:
     """The padded tensors of layer ``index``, by saved name (norms are copied by the caller)."""
     hd, sizes, names = checkpoint.head_dim, checkpoint.sizes[index], checkpoint.names
@@ -232,12 +232,12 @@ def padded_layer(checkpoint: Checkpoint, index: int, target: LayerSizes, placeme
     return out
 
 
-def _is_projection(checkpoint: Checkpoint, name: str) -> bool:
+def _is_projection(checkpoint: SavedModel, name: str) -> bool:
     roles = [r for r in checkpoint.names if r not in ("attn_norm", "ffn_norm")]
     return any(name.endswith((f".{checkpoint.names[r]}.weight", f".{checkpoint.names[r]}.bias")) for r in roles)
 
 
-def padded_state(checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, Any], LayerSizes]:
+def padded_state(checkpoint: SavedModel) -> tuple[dict[str, torch.Tensor], dict[str, Any], LayerSizes]:
     """The padded model's tensors, its stock config (a dict for config.json) and its uniform widths."""
     target, placements = stock_widths(checkpoint)
     family, biases, overrides = stock_family_and_biases(checkpoint)

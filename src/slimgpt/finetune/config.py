@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
+from slimgpt._util.jsonconfig import JsonConfig
 from slimgpt._util.validate import check_field_types
 from slimgpt.errors import ConfigError
 
@@ -21,7 +21,7 @@ RESUME_FREE_OPTIONS = ("checkpoint_every", "device")
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(JsonConfig):
     """Everything that decides a fine-tuning run. Defaults are the SlimGPT paper's recovery recipe.
 
     data: alpaca, gpt4-alpaca (instruction records), builtin / c4 / wikitext2 / ptb (raw text), or a local
@@ -37,6 +37,8 @@ class FinetuneConfig:
     seed: LoRA initialisation, dropout and data order. device: where training runs. bf16: autocast.
     checkpoint_every: optimizer steps between resumable checkpoints (when a checkpoint folder is given).
     """
+
+    options_label: ClassVar[str] = "fine-tuning option"
 
     data: str = "alpaca"
     lora_rank: int = 8
@@ -112,21 +114,6 @@ class FinetuneConfig:
             raise ConfigError(f"--max-grad-norm {self.max_grad_norm} must be >= 0 (0 disables clipping)")
 
     def to_dict(self) -> dict[str, Any]:
-        values = asdict(self)
+        values = super().to_dict()
         values["lora_targets"] = list(self.lora_targets)
         return values
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> FinetuneConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown fine-tuning option(s): {', '.join(unknown)}")
-        return cls(**values)
-
-    @classmethod
-    def from_json(cls, text: str) -> FinetuneConfig:
-        return cls.from_dict(json.loads(text))
