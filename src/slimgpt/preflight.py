@@ -194,6 +194,14 @@ def check_calibration_source(source: str) -> None:
         data.load_documents(source, "calibration")
 
 
+def check_eval_sources(sources: list[str]) -> None:
+    """Every perplexity source of ``slimgpt eval`` exists (a local one is read now), before the model loads."""
+    for source in sources:
+        data.describe_source(source, "eval")
+        if source.strip().lower() not in data.SOURCES:
+            data.load_documents(source, "eval")
+
+
 def take_output(output: Path) -> OutputLock:
     """Lock ``output`` against a second run, then remove what a killed run left next to it."""
     lock = OutputLock(output).acquire()

@@ -187,3 +187,14 @@ def test_cli_eval_end_to_end(
     assert report.model == str(model_dir) and report.zero_shot is not None
     assert json.loads(out.read_text())["format"] == "slimgpt.eval_report"
     assert (tmp_path / "plots" / "kept_ratio_1.png").stat().st_size > 1000
+
+
+def test_python_in_task_yamls_is_named_before_it_runs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from slimgpt.evaluation.harness import warn_python_in_tasks
+
+    (tmp_path / "plain.yaml").write_text("task: plain\n")
+    (tmp_path / "code.yaml").write_text("task: code\nprocess_docs: !function utils.process\n")
+    with caplog.at_level("WARNING"):
+        files = warn_python_in_tasks(tmp_path)
+    assert [f.name for f in files] == ["code.yaml"]
+    assert "code.yaml uses !function" in caplog.text and "plain.yaml" not in caplog.text

@@ -267,3 +267,34 @@ def test_old_output_kept_while_the_new_one_is_missing(tmp_path: Path) -> None:
     remove_stale_partials(tmp_path / "out")
     assert (tmp_path / ".out.old-x").exists()  # the replaced output: the only copy left
     assert snapshot(tmp_path) == {".out.old-x": "<dir>"}
+
+
+@pytest.mark.parametrize(("content", "match"), [("[]", "not a slimgpt evaluation report"), (None, "is a folder")])
+def test_compare_refuses_a_list_or_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            content: str | None, match: str) -> None:
+    """``slimgpt compare`` given a JSON list, or a folder: one line, exit 2, nothing written."""
+    target = tmp_path / "report.json"
+    if content is None:
+        target.mkdir()
+    else:
+        target.write_text(content)
+    refused(capsys, tmp_path, "compare", str(target), "--out", str(tmp_path / "table.md"), match=match)
+
+
+def test_demo_checks_its_ratios_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    refused(capsys, tmp_path, "demo", "--model", "tiny-mha", "--ratios", "0.2,1.5", match="--ratio 1.5")
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "llama-padded"])
+def test_export_refuses_a_damaged_model(work: Path, capsys: pytest.CaptureFixture[str], fmt: str) -> None:
+    weights = load_file(str(work / "m" / "model.safetensors"))
+    key = next(k for k in weights if "layers.0.self_attn.o_proj" in k)
+    weights[key][0, 0] = float("nan")
+    save_file(weights, str(work / "m" / "model.safetensors"), metadata={"format": "pt"})
+    target = "m.gguf" if fmt == "gguf" else "padded"
+    refused(capsys, work, "export", "m", "--format", fmt, "--output", target, match="non-finite weights")
+
+
+def test_eval_checks_its_datasets_before_loading_the_model(work: Path, capsys: pytest.CaptureFixture[str],
+                                                          no_load: None) -> None:
+    refused(capsys, work, "eval", "m", "--ppl", "missing-folder/", match="missing-folder")

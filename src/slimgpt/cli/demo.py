@@ -72,6 +72,8 @@ def run_demo(model_name: str = "auto", ratios: list[float] | None = None, nsampl
              seqlen: int | None = None, eval_seqlen: int = 128, device: str = "cpu") -> str:
     """Prune ``model_name`` at each ratio; return a Markdown table dense vs pruned."""
     ratios = ratios if ratios is not None else [0.2, 0.5]
+    for ratio in ratios:  # every ratio is checked before the dense model is loaded and measured
+        PruneConfig(ratio=ratio)
     model_name = pick_model(model_name)
     source, source_label, default_nsamples, default_seqlen, max_windows = DEMO_SETTINGS.get(
         model_name, DEMO_SETTINGS["tiny-mha"])

@@ -109,8 +109,10 @@ def run(args: argparse.Namespace) -> int:
     from slimgpt.evaluation.evaluate import evaluate_model, report_plots
     from slimgpt.evaluation.harness import load_tasks
     from slimgpt.models.slim import load_model
+    from slimgpt.preflight import check_eval_sources
 
     tasks = checked_tasks(args)
+    check_eval_sources(args.ppl)  # a missing dataset fails before the model is loaded
     device = resolve_device(args.device)
     suite = load_tasks(tasks, args.tasks_dir) if tasks else None
 

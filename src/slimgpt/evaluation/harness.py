@@ -164,6 +164,19 @@ def _import_lm_eval() -> Any:
     return lm_eval
 
 
+def warn_python_in_tasks(directory: Path) -> list[Path]:
+    """Task YAMLs whose ``!function`` tags make lm-eval import and run Python from ``directory``.
+
+    That is lm-eval's documented way to define a task, so it is allowed, but never silently: each such
+    file is named in a warning before anything runs.
+    """
+    files = [path for path in sorted(directory.rglob("*.y*ml")) if "!function" in path.read_text(errors="replace")]
+    for path in files:
+        logger.warning("--tasks-dir: %s uses !function, so lm-eval will run Python code from %s", path.name,
+                       directory)
+    return files
+
+
 def load_tasks(names: Sequence[str], tasks_dir: str | Path | None = None) -> TaskSuite:
     """Resolve task names and load their datasets with lm-eval's ``TaskManager``.
 
@@ -180,6 +193,7 @@ def load_tasks(names: Sequence[str], tasks_dir: str | Path | None = None) -> Tas
         directory = Path(tasks_dir).expanduser().resolve()
         if not directory.is_dir():
             raise DataError(f"--tasks-dir {tasks_dir}: not a directory of lm-eval task YAMLs")
+        warn_python_in_tasks(directory)
         manager = TaskManager(include_path=str(directory), include_defaults=False)
         source = f"local task YAMLs in {directory}"
     else:

@@ -101,7 +101,7 @@ class EvalReport:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EvalReport:
-        if data.get("format") != REPORT_FORMAT:
+        if not isinstance(data, Mapping) or data.get("format") != REPORT_FORMAT:
             raise DataError("not a slimgpt evaluation report (no 'format': 'slimgpt.eval_report')")
         if int(data.get("format_version", 0)) > REPORT_VERSION:
             raise DataError(
@@ -136,6 +136,8 @@ class EvalReport:
             return cls.from_json(Path(path).read_text())
         except FileNotFoundError as error:
             raise DataError(f"{path}: no such report file") from error
+        except IsADirectoryError as error:
+            raise DataError(f"{path} is a folder: pass the report files written by `slimgpt eval --json`") from error
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
             raise DataError(f"{path}: not a valid slimgpt evaluation report ({error})") from error
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from slimgpt.errors import SlimGPTError, UnsupportedModelError
+from slimgpt.errors import NumericalError, SlimGPTError, UnsupportedModelError
 from slimgpt.models.adapters import LayerSizes
 from slimgpt.models.families import FAMILIES, Family, base_model_type
 
@@ -123,6 +123,10 @@ def read_checkpoint(directory: str | Path) -> SavedModel:
     listed_head_dim = config.get("head_dim") if row.head_dim_key else None
     head_dim = int(listed_head_dim or int(config["hidden_size"]) // int(config["num_attention_heads"]))
     tensors = read_tensors(path)
+    for name, tensor in tensors.items():  # an export of a damaged model would be damaged too
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NumericalError(f"{path} has non-finite weights (NaN or inf) in {name}: the model is damaged; "
+                                 "export an intact copy of it")
     sizes = _layer_sizes(config, row, head_dim, tensors)
     return SavedModel(path, config, tensors, family, head_dim, sizes)
 
