@@ -40,6 +40,9 @@ from typing import Any
 
 import slimgpt.data.english as english
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
+import tasks as code_tasks  # the lm-eval YAML writer both task sets use
+
 TASKS_DIR = Path(__file__).resolve().parent / "tasks_english"
 TASK_NAMES = ("english-lastword", "english-continuation")
 CHANCE_NOTE = {"english-lastword": "25%", "english-continuation": "25%"}
@@ -59,29 +62,6 @@ FUNCTION_WORDS = frozenset((
     "will", "with", "would", "your", "yours"
 ))
 
-CHOICE_YAML = """\
-task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    validation: {data}
-  cache_dir: {cache}
-output_type: multiple_choice
-validation_split: validation
-doc_to_text: context
-doc_to_choice: choices
-doc_to_target: label
-target_delimiter: ""
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
 
 
 def sentences(text: str) -> list[str]:
@@ -215,15 +195,8 @@ def write_tasks(directory: Path = TASKS_DIR, n_items: int = DEFAULT_ITEMS, seed:
 
 
 def write_task_yamls(destination: Path, data_dir: Path = TASKS_DIR, names: Sequence[str] = TASK_NAMES) -> Path:
-    """lm-eval YAMLs for ``names`` in ``destination`` (absolute paths to the jsonl); returns it for --tasks-dir."""
-    destination.mkdir(parents=True, exist_ok=True)
-    cache = (destination / "datasets_cache").resolve()
-    for name in names:
-        data = (data_dir / f"{name}.jsonl").resolve()
-        if not data.exists():
-            raise FileNotFoundError(f"{data}: missing; run python benchmarks/english_tasks.py")
-        (destination / f"{name}.yaml").write_text(CHOICE_YAML.format(name=name, data=data, cache=cache))
-    return destination
+    """lm-eval YAMLs for ``names`` in ``destination`` (the code tasks' writer, on this task set's data)."""
+    return code_tasks.write_task_yamls(destination, data_dir, names)
 
 
 def task_chance(data_dir: Path = TASKS_DIR, limit: int | None = None) -> dict[str, float]:
