@@ -1,4 +1,4 @@
-"""Time the exact fast solver against the straightforward one over a grid of LLaMA-shaped layers (issue 17).
+"""Time the exact fast solver against the straightforward one over a grid of LLaMA-shaped layers.
 
 Grid: d in {1024, 2048, 4096}; o_proj d x d with head_dim 128 (d/128 heads) and with 32 heads (head_dim
 d/32; at d=1024 that is issue 17's quarter-scale shape, at 4096 both are LLaMA-7B's 32 heads of 128);

@@ -35,7 +35,7 @@ def _contiguous_starts(units: torch.Tensor) -> list[int] | None:
 
 
 class FastSolver(Solver):
-    """Exact downdates of Hinv instead of re-inversion (method spec section 6), as low-rank factors.
+    """Exact downdates of Hinv instead of re-inversion (docs/paper.md section 6), as low-rank factors.
 
     State: ``_w`` the compensated full weight (removed columns zero), ``_M`` = L^-1 (lower triangular),
     ``_C`` the stacked downdate factors ([T, d], T columns removed so far), ``_diag`` = diag(Hinv) over

@@ -1,4 +1,4 @@
-"""Hessian accumulation and safe inversion (method spec section 3)."""
+"""Hessian accumulation and safe inversion (docs/paper.md section 3)."""
 
 from __future__ import annotations
 

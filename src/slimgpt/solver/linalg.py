@@ -74,7 +74,7 @@ def block_scores(blocks: torch.Tensor, columns: torch.Tensor, mode: str) -> torc
     """OBS cost of removing each group of columns on its own, from its Hinv block and its weights.
 
     blocks: [U, g, g] diagonal blocks Hinv[P, P]; columns: [U, g, d_out] the weights W[:, P]^T.
-    Modes (method spec section 4):
+    Modes (docs/paper.md section 4):
     - ``gcd``: exact group OBS cost tr(W_P B^-1 W_P^T) with B = L L^T (one batched Cholesky):
       ||L^-1 W_P^T||_F^2. Equals the cost of the sequential recursion over the group.
     - ``gcd-diag``: sum_j ||W_j||^2 / L_jj^2, the Cholesky denominators with the unupdated columns

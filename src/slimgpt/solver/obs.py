@@ -1,4 +1,4 @@
-"""OBS removal of column groups with compensation (method spec sections 4-6).
+"""OBS removal of column groups with compensation (docs/paper.md sections 4-6).
 
 Removing a set P of input columns from W (d_out x d_in) so that W' X stays as close as possible to
 W X on the calibration inputs is a least-squares problem with the closed-form OBS answer

@@ -1,4 +1,4 @@
-"""Per-layer pruning ratios (method spec section 7) and the solve that hits a parameter target.
+"""Per-layer pruning ratios (docs/paper.md section 7) and the solve that hits a parameter target.
 
 The paper's Incremental Pruning Ratio grows the ratio logarithmically with depth, because an error made
 early is amplified by every later layer:

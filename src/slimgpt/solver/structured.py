@@ -1,4 +1,4 @@
-"""Structured pruning rounds on top of the OBS solvers (method spec sections 4 and 5).
+"""Structured pruning rounds on top of the OBS solvers (docs/paper.md sections 4 and 5).
 
 - Heads: Batched Greedy Pruning. Each round scores every surviving head (a group of head_dim columns
   of o_proj) with the grouped-Cholesky cost and removes the cheapest one, compensating the rest.
