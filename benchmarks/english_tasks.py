@@ -201,12 +201,7 @@ def write_task_yamls(destination: Path, data_dir: Path = TASKS_DIR, names: Seque
 
 def task_chance(data_dir: Path = TASKS_DIR, limit: int | None = None) -> dict[str, float]:
     """Chance accuracy of each task over its first ``limit`` items (lm-eval's ``--limit``)."""
-    result = {}
-    for name in TASK_NAMES:
-        text = (data_dir / f"{name}.jsonl").read_text(encoding="utf-8")
-        items = [json.loads(line) for line in text.splitlines()[:limit]]
-        result[name] = sum(1 / len(item["choices"]) for item in items) / len(items)
-    return result
+    return code_tasks.task_chance(data_dir, TASK_NAMES, limit)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
