@@ -26,6 +26,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward, ro
 
 from slimgpt.models.adapters import slice_linear
 from slimgpt.models.families import FAMILIES, Family, family_row, get_adapter
+from slimgpt.models.slim import adopt_config, base_config_values
 
 
 class ModeGPTConfigMixin:
@@ -205,9 +206,7 @@ def modegpt_config_from(config: PretrainedConfig, qk_dims: list[int], v_dims: li
     """The ``slimgpt_modegpt_<family>`` config of ``config``'s model with these per-layer widths."""
     family = family_row(config.model_type)
     config_cls, _ = MODEGPT_CLASSES[family.model_type]
-    values = config.to_dict()
-    for key in ("model_type", "architectures", "transformers_version", "auto_map"):
-        values.pop(key, None)
+    values = base_config_values(config)
     values.update(layer_intermediate_sizes=list(ffn_dims), qk_dims=list(qk_dims), v_dims=list(v_dims),
                   rope_index=[[list(p) for p in layer] for layer in rope_index],
                   head_dim=get_adapter(config).head_dim)
@@ -218,8 +217,4 @@ def modegpt_config_from(config: PretrainedConfig, qk_dims: list[int], v_dims: li
 
 def adopt_modegpt_config(model: Any, config: PretrainedConfig) -> None:
     """Give ``model`` (and every submodule sharing its config) the MoDeGPT config and model class."""
-    old = model.config
-    for module in model.modules():
-        if getattr(module, "config", None) is old:
-            module.config = config
-    model.__class__ = MODEGPT_CLASSES[family_row(config.model_type).model_type][1]
+    adopt_config(model, config, MODEGPT_CLASSES[family_row(config.model_type).model_type][1])

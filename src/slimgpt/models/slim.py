@@ -133,9 +133,7 @@ def slim_config_from(config: PretrainedConfig, sizes: list[LayerSizes], output_b
     """
     family = family_row(config.model_type)
     config_cls, _ = SLIM_CLASSES[family.model_type]
-    values = config.to_dict()
-    for key in ("model_type", "architectures", "transformers_version", "auto_map"):
-        values.pop(key, None)
+    values = base_config_values(config)
     values.update(
         layer_num_attention_heads=[s.n_heads for s in sizes],
         layer_num_key_value_heads=[s.n_kv_heads for s in sizes],
@@ -152,13 +150,26 @@ def slim_config_from(config: PretrainedConfig, sizes: list[LayerSizes], output_b
     return slim
 
 
-def adopt_slim_config(model: Any, slim: PretrainedConfig) -> None:
-    """Give ``model`` (and every submodule sharing its config) the ``slimgpt_<family>`` config and class."""
+def base_config_values(config: PretrainedConfig) -> dict[str, Any]:
+    """``config``'s values without the keys a derived config class sets itself (type, architectures, ...)."""
+    values = config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "auto_map"):
+        values.pop(key, None)
+    return values
+
+
+def adopt_config(model: Any, config: PretrainedConfig, model_class: type) -> None:
+    """Give ``model`` (and every submodule sharing its config) ``config`` and the class ``model_class``."""
     old = model.config
     for module in model.modules():
         if getattr(module, "config", None) is old:
-            module.config = slim
-    model.__class__ = SLIM_CLASSES[family_row(slim.model_type).model_type][1]
+            module.config = config
+    model.__class__ = model_class
+
+
+def adopt_slim_config(model: Any, slim: PretrainedConfig) -> None:
+    """Give ``model`` (and every submodule sharing its config) the ``slimgpt_<family>`` config and class."""
+    adopt_config(model, slim, SLIM_CLASSES[family_row(slim.model_type).model_type][1])
 
 
 def builtin_model_path(name: str) -> Path:
