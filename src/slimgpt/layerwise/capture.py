@@ -130,29 +130,51 @@ def input_of(linear: nn.Linear, forward: Callable[[], object]) -> torch.Tensor:
     raise RuntimeError(f"the forward never reached {linear}")  # pragma: no cover - o_proj / down_proj always run
 
 
+LayerBatches = Iterator[tuple[torch.Tensor, torch.Tensor]]  # (layer input, layer output) per batch
+
+
+def dense_pass(model: nn.Module, adapter: ModelAdapter, calibration: torch.Tensor, config: PruneConfig,
+               device: torch.device | None = None) -> Iterator[tuple[nn.Module, LayerBatches]]:
+    """Walk the unpruned model layer by layer on the calibration windows, each layer on ``device`` in turn.
+
+    Yields (layer, batches); iterating ``batches`` (fully, before the next layer) gives each batch's
+    (layer input, layer output) and stores the outputs as the next layer's inputs. For methods that measure
+    every dense layer before pruning any (FLAP's statistics, dynamic slicing's redundancy).
+    """
+    device = device if device is not None else torch.device(config.device)
+    store = torch.device("cpu") if config.offload else device
+    hidden, kwargs_by_size = capture_layer_inputs(model, adapter, calibration.long(), config.batch_size, device,
+                                                  store)
+
+    def batches(layer: nn.Module) -> LayerBatches:
+        for part, h, kw in run_batches(hidden, kwargs_by_size, config.batch_size, device):
+            out = adapter.mlp_block(layer, adapter.attention_block(layer, h, kw))
+            yield h, out
+            hidden[part] = out.to(hidden.device)
+
+    for layer in adapter.decoder_layers(model):
+        home = next(layer.parameters()).device
+        layer.to(device)
+        yield layer, batches(layer)
+        layer.to(home)
+
+
 @torch.no_grad()
 def dense_input_statistics(model: nn.Module, adapter: ModelAdapter, calibration: torch.Tensor, config: PruneConfig,
                            full: bool = False) -> list[tuple[InputStatistics, InputStatistics]]:
     """Statistics of every layer's o_proj and down_proj inputs on the unpruned model, in one pass.
 
-    For methods that rank all layers before pruning any (FLAP). Each layer visits the compute device
-    in turn, as in the pruning loop; returns one (o_proj, down_proj) pair per layer.
+    For methods that rank all layers before pruning any (FLAP); returns one (o_proj, down_proj) pair per layer.
     """
     device = torch.device(config.device)
-    store = torch.device("cpu") if config.offload else device
-    hidden, kwargs_by_size = capture_layer_inputs(model, adapter, calibration.long(), config.batch_size, device,
-                                                  store)
     result = []
-    for layer in adapter.decoder_layers(model):
-        home = next(layer.parameters()).device
-        layer.to(device)
+    for layer, batches in dense_pass(model, adapter, calibration, config, device):
         o_proj, down_proj = adapter.attn_output(layer), adapter.mlp_output(layer)
         attn = InputStatistics(o_proj.in_features, device, full=full)
         ffn = InputStatistics(down_proj.in_features, device, full=full)
         with collect_inputs(o_proj, attn), collect_inputs(down_proj, ffn):
-            for part, h, kw in run_batches(hidden, kwargs_by_size, config.batch_size, device):
-                hidden[part] = adapter.mlp_block(layer, adapter.attention_block(layer, h, kw)).to(hidden.device)
-        layer.to(home)
+            for _ in batches:
+                pass
         result.append((attn, ffn))
     return result
 

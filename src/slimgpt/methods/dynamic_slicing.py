@@ -34,7 +34,7 @@ from torch import nn
 
 from slimgpt.config import PruneConfig
 from slimgpt.errors import ConfigError
-from slimgpt.layerwise.capture import capture_layer_inputs, run_batches
+from slimgpt.layerwise.capture import dense_pass
 from slimgpt.layerwise.run import LayerLoop
 from slimgpt.methods.base import register
 from slimgpt.methods.slicegpt import SliceGPTMethod
@@ -57,23 +57,15 @@ def block_influence(model: nn.Module, adapter: ModelAdapter, calibration: torch.
 
     Each layer visits ``device`` in turn; the activations are stored as SliceGPT's (CPU with offload).
     """
-    store = torch.device("cpu") if config.offload else device
-    hidden, kwargs_by_size = capture_layer_inputs(model, adapter, calibration.long(), config.batch_size, device,
-                                                  store)
     result = []
-    for layer in adapter.decoder_layers(model):
-        home = next(layer.parameters()).device
-        layer.to(device)
+    for _layer, batches in dense_pass(model, adapter, calibration, config, device):
         total, tokens = 0.0, 0
-        for part, h, kw in run_batches(hidden, kwargs_by_size, config.batch_size, device):
-            out = adapter.mlp_block(layer, adapter.attention_block(layer, h, kw))
+        for h, out in batches:
             x, y = h.to(torch.float64), out.to(torch.float64)
             cos = (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1))
             change = torch.where(torch.isfinite(cos), 1 - cos, torch.full_like(cos, NAN_INFLUENCE))
             total += float(change.sum())
             tokens += change.numel()
-            hidden[part] = out.to(hidden.device)
-        layer.to(home)
         result.append(total / tokens)
     return result
 
