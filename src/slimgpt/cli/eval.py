@@ -7,7 +7,10 @@ should not cost a model load.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from slimgpt.cli import common
@@ -104,6 +107,19 @@ def checked_tasks(args: argparse.Namespace) -> list[str] | None:
     return tasks
 
 
+@contextlib.contextmanager
+def decoded_model(name: str) -> Iterator[str]:
+    """``name`` itself, or for a bits-back export (``slimgpt export --format bits-back``) a decoded copy."""
+    from slimgpt.export.bitsback import decode_to_folder, is_bits_back
+
+    if not is_bits_back(name):
+        yield name
+        return
+    with tempfile.TemporaryDirectory(prefix="slimgpt-bitsback-") as tmp:
+        logger.info("decoding the bits-back export %s", name)
+        yield str(decode_to_folder(name, Path(tmp) / "model"))
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the model, run what was asked, print the report; write JSON and plots if asked."""
     from slimgpt.evaluation.evaluate import evaluate_model, report_plots
@@ -117,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
     suite = load_tasks(tasks, args.tasks_dir) if tasks else None
 
     logger.info("loading %s (%s, %s)", args.model, args.dtype or "checkpoint dtype", device)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, trust_remote_code=False)
+    with decoded_model(args.model) as folder:
+        model, tokenizer = load_model(folder, dtype=args.dtype, device=device, trust_remote_code=False)
     report = evaluate_model(
         model, tokenizer, name=args.model, ppl_datasets=args.ppl, seqlens=args.seqlens, tasks=suite or (),
         limit=args.limit, max_windows=args.max_windows, speed=args.speed, gen_tokens=args.gen_tokens,

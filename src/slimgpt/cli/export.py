@@ -18,6 +18,10 @@ FORMAT_HELP = """formats (all opt-in; a saved folder itself never contains code)
                 (--output required): loads in every runtime, exact, but no smaller or faster than dense
   gguf          one GGUF file for llama.cpp (deci architecture: per-layer widths, pruned size and speed;
                 --output FILE.gguf required, --outtype f32|f16)
+  bits-back     a folder sliced by --method slicegpt / dynamic-slicing as one entropy-coded file that is
+                smaller than its safetensors at the same precision: each residual basis's free rotation is
+                bits-back coded (--output required; needs pip install -e ".[bitsback]"); `slimgpt eval`
+                loads it, and so does slimgpt.export.bitsback.load_bits_back
 """
 
 
@@ -38,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="output folder (remote-code: default edits DIR in place; llama-padded) or file (gguf)")
     parser.add_argument("--outtype", choices=GGUF_OUTTYPES, default="f16",
                         help="gguf: float type of the weight matrices; norms and biases stay f32 (default %(default)s)")
+    parser.add_argument("--angle-bits", type=int, default=None, metavar="B",
+                        help="bits-back: quantise each rotation angle to B bits per pi (default: by the weights' "
+                             "dtype, bfloat16 12, float16 14, float32 26)")
     common.add_overwrite(parser)
 
 
@@ -51,6 +58,8 @@ def check_source(args: argparse.Namespace) -> Path:
         raise ConfigError(f"{source} was pruned by --method modegpt (per-layer q/k and v head dims, a RoPE index), "
                           "which no export format describes: load it with slimgpt (`import slimgpt`, then "
                           "from_pretrained)")
+    if args.export_format == "bits-back":
+        return check_bits_back_source(args, source)
     if config_path.exists() and json.loads(config_path.read_text()).get("slice_dims"):
         report_path = source / "slimgpt_report.json"
         method = json.loads(report_path.read_text()).get("method", "slicegpt") if report_path.exists() else "slicegpt"
@@ -62,6 +71,22 @@ def check_source(args: argparse.Namespace) -> Path:
     return source
 
 
+def check_bits_back_source(args: argparse.Namespace, source: Path) -> Path:
+    """bits-back: a sliced folder, an --output, a sane --angle-bits and the codec library, before any work."""
+    from slimgpt.export.bitsback_codec import constriction_module
+
+    config_path = source / "config.json"
+    if not (config_path.exists() and json.loads(config_path.read_text()).get("slice_dims")):
+        raise ConfigError(f"{source} is not a sliced checkpoint (no slice_dims in config.json): --format bits-back "
+                          "codes the rotational freedom of models pruned by --method slicegpt or dynamic-slicing")
+    if args.output is None:
+        raise ConfigError("--format bits-back writes a new folder: pass --output")
+    if args.angle_bits is not None and not 2 <= args.angle_bits <= 30:
+        raise ConfigError(f"--angle-bits must be in [2, 30], got {args.angle_bits}")
+    constriction_module()
+    return source
+
+
 def run(args: argparse.Namespace) -> int:
     source = check_source(args)
     if args.export_format == "remote-code":
@@ -70,6 +95,12 @@ def run(args: argparse.Namespace) -> int:
     elif args.export_format == "llama-padded":
         path = export_padded(source, args.output, overwrite=args.overwrite)
         print(f"{path}: stock config, zero-padded (exact, no speed-up)")
+    elif args.export_format == "bits-back":
+        from slimgpt.export.bitsback import export_bits_back
+
+        path, summary = export_bits_back(source, args.output, overwrite=args.overwrite, angle_bits=args.angle_bits)
+        print(f"{path}: bits-back, {summary.bitsback_bytes} bytes, {summary.saved_percent:.2f}% below safetensors "
+              f"({summary.safetensors_bytes} bytes); summary in {path / 'bits_back.md'}")
     else:
         result = export_gguf(source, args.output, outtype=args.outtype, overwrite=args.overwrite)
         for note in result.notes:

@@ -11,6 +11,10 @@ without slimgpt there are three opt-in exports:
   keeps the pruned size and speed. Needs the ``gguf`` package, imported only when used, so the other
   exports work without it. ``llama_cpp.py`` runs such a file under llama.cpp (optional
   llama-cpp-python) to check it against PyTorch.
+- ``bits-back`` (bitsback.py, with bitsback_layout.py and bitsback_codec.py): a SliceGPT / dynamic-slicing
+  folder as one rANS-coded file, smaller than its safetensors at the same precision, by bits-back coding
+  of each residual basis's free rotation. Needs the ``constriction`` package (the ``bitsback`` extra),
+  imported only when used. ``load_bits_back`` decodes it; ``slimgpt eval`` accepts the folder.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from slimgpt.export.remote_code import export_remote_code
 if TYPE_CHECKING:
     from slimgpt.export.gguf import GGUFExport
 
-FORMATS = ("remote-code", "llama-padded", "gguf")
+FORMATS = ("remote-code", "llama-padded", "gguf", "bits-back")
 GGUF_OUTTYPES = ("f32", "f16")
 
 
