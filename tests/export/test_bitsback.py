@@ -122,7 +122,7 @@ def test_not_a_sliced_checkpoint_is_one_line(sliced: dict[str, Path], tmp_path: 
     with pytest.raises(NotSlicedError, match="slice_dims"):
         bitsback.export_bits_back(sliced["slimgpt"], tmp_path / "y")
     assert not (tmp_path / "y").exists()
-    with pytest.raises(bitsback.CodecError, match="has no model.bitsback"):
+    with pytest.raises(bitsback.CodecError, match=r"has no model\.bitsback"):
         bitsback.load_bits_back(sliced["slicegpt"])
 
 
