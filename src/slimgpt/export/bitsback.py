@@ -5,8 +5,9 @@ After He, Flamich and Hernández-Lobato, "Getting Free Bits Back from Rotational
 function after any orthogonal change of basis P of each free residual basis (bitsback_layout), so a plain
 file pays for one arbitrary choice of every P. The encoder, per free basis k in order:
 
-1. canonicalises it: Q_k = the orthogonal factor of the positive-diagonal QR of the basis's designated block
-   matrix (every tensor that moves with that basis alone, in writer form, column blocks folded to d×d);
+1. canonicalises it: Q_k = the orthogonal factor of the positive-diagonal QR of d pivot columns of the
+   basis's designated block matrix (every tensor that moves with that basis alone, in writer form; the
+   columns chosen by greedy pivoted QR and stored in the header);
 2. *decodes* a rotation R_k off the rANS stack under the discretised Haar density (slimgpt.solver.haar):
    this consumes bits of the tensors already pushed;
 3. moves the basis by P_k = Q_k R_k and pushes the tensors whose last free basis is k (raw 16-bit words);
@@ -46,8 +47,8 @@ logger = logging.getLogger(__name__)
 
 MAGIC = b"SLIMGPT-BITSBACK-1\n"
 FILE = "model.bitsback"
-# angle bits per pi: about the significand of the weights (bfloat16 8, float16 11, float32 24), less what
-# the canonicalisation's round-off costs in corrections (measured: docs/results/bits_back.md)
+# angle bits per pi by the weights' dtype: where more bits stop paying for their corrections (the
+# recoverable precision is the weights' times the frame's conditioning; measured: docs/results/bits_back.md)
 DEFAULT_BITS = {torch.bfloat16: 12, torch.float16: 14, torch.float32: 26}
 
 
@@ -94,13 +95,15 @@ def _angle_bits(tensors: dict[str, torch.Tensor], layout: Layout, bits: int | No
 
 
 def _pack(pivots: dict[int, torch.Tensor]) -> str:
-    """Every basis's pivot columns as one base64 little-endian uint32 array (in the header)."""
+    """Every basis's pivot columns as one base64 little-endian uint16 (or uint32) array, in the header."""
     flat = torch.cat([pivots[b] for b in sorted(pivots)]) if pivots else torch.zeros(0, dtype=torch.int64)
-    return base64.b64encode(flat.numpy().astype("<u4").tobytes()).decode()
+    kind = "<u2" if flat.numel() == 0 or int(flat.max()) < 2**16 else "<u4"
+    return kind + ":" + base64.b64encode(flat.numpy().astype(kind).tobytes()).decode()
 
 
 def _unpack(text: str, layout: Layout) -> dict[int, torch.Tensor]:
-    flat = torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype="<u4").astype(np.int64))
+    kind, _, data = text.partition(":")
+    flat = torch.from_numpy(np.frombuffer(base64.b64decode(data), dtype=kind).astype(np.int64))
     out, start = {}, 0
     for basis in layout.free:
         out[basis] = flat[start:start + layout.widths[basis]]
