@@ -109,6 +109,20 @@ def correction_table(corrections: list[torch.Tensor]) -> list[int]:
     return torch.bincount(values + k, minlength=2 * k + 1).tolist()
 
 
+def sparse_table(table: list[int]) -> list[list[int]]:
+    """The table as [value, count] pairs of the values that occur (for the header)."""
+    k = len(table) // 2
+    return [[i - k, c] for i, c in enumerate(table) if c]
+
+
+def dense_table(pairs: list[list[int]]) -> list[int]:
+    k = max((abs(v) for v, _ in pairs), default=0)
+    table = [0] * (2 * k + 1)
+    for value, count in pairs:
+        table[value + k] = int(count)
+    return table
+
+
 def _correction_model(table: list[int]) -> Any:
     return constriction_module().stream.model.Categorical(np.asarray(table, dtype=np.float64), perfect=False)
 
