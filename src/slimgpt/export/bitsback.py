@@ -144,7 +144,8 @@ def encode(tensors: dict[str, torch.Tensor], layout: Layout, bits: int) -> tuple
     main_words, fix_words = codec.words_of(main), codec.words_of(fix)
     facts = {"angle_bits": bits, "correction_table": codec.sparse_table(table), "pivots": _pack(pivots),
              "main_words": int(main_words.size), "correction_words": int(fix_words.size),
-             "returned_bits": int(returned), "corrected": int(sum(int((c != 0).sum()) for c in corrections)), "symbols": symbols_total}
+             "returned_bits": int(returned), "symbols": symbols_total,
+             "corrected": int(sum(int((c != 0).sum()) for c in corrections))}
     return main_words.tobytes() + fix_words.tobytes(), moved, facts
 
 
