@@ -196,3 +196,17 @@ def test_canonical_frame_moves_with_the_basis() -> None:
     assert torch.equal(columns, haar.pivot_columns(p.T @ a))
     frame = haar.canonical_basis(a[:, columns])
     assert torch.allclose(haar.canonical_basis((p.T @ a)[:, columns]), p.T @ frame, atol=1e-12)
+
+
+def test_large_corrections_are_escaped() -> None:
+    """Corrections of any size (an ill-conditioned frame at a fine grid) code and decode exactly."""
+    from slimgpt.export import bitsback_codec as codec
+
+    corrections = [torch.tensor([0, 0, 1, -1, 300, -70000, 2**27, 0]), torch.tensor([0, 5, -400])]
+    table = codec.correction_table(corrections)
+    coder = new_coder()
+    for delta in corrections:
+        codec.push_corrections(coder, delta, table)
+    back = new_coder(codec.words_of(coder))
+    assert torch.equal(codec.pop_corrections(back, 3, table), corrections[1])
+    assert torch.equal(codec.pop_corrections(back, 8, table), corrections[0]) and back.is_empty()

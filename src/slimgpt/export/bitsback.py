@@ -142,7 +142,7 @@ def encode(tensors: dict[str, torch.Tensor], layout: Layout, bits: int) -> tuple
     for delta in corrections:  # the decoder pops the last basis's first
         codec.push_corrections(fix, delta, table)
     main_words, fix_words = codec.words_of(main), codec.words_of(fix)
-    facts = {"angle_bits": bits, "correction_table": codec.sparse_table(table), "pivots": _pack(pivots),
+    facts = {"angle_bits": bits, "correction_table": table, "pivots": _pack(pivots),
              "main_words": int(main_words.size), "correction_words": int(fix_words.size),
              "returned_bits": int(returned), "symbols": symbols_total,
              "corrected": int(sum(int((c != 0).sum()) for c in corrections))}
@@ -155,7 +155,7 @@ def decode(payload: bytes, layout: Layout, specs: dict[str, tuple[list[int], tor
     split = 4 * int(facts["main_words"])
     main = codec.new_coder(np.frombuffer(payload[:split], dtype="<u4"))
     fix = codec.new_coder(np.frombuffer(payload[split:], dtype="<u4"))
-    bits, table, tensors = int(facts["angle_bits"]), codec.dense_table(facts["correction_table"]), {}
+    bits, table, tensors = int(facts["angle_bits"]), facts["correction_table"], {}
     pivots = _unpack(facts["pivots"], layout)
     for basis in reversed(layout.free):
         for name in layout.members(basis):

@@ -102,42 +102,53 @@ def pop_tensor(coder: Any, shape: list[int], dtype: torch.dtype) -> torch.Tensor
     return torch.from_numpy(words.view(np.uint8).copy()).view(dtype).reshape(shape)
 
 
-def correction_table(corrections: list[torch.Tensor]) -> list[int]:
-    """Counts of each correction value -K..K over all bases (the table both sides code them with)."""
+CLIP = 255  # corrections beyond +-CLIP are escaped: one escape symbol, then the value as two raw 16-bit words
+_OFFSET = 2**31
+
+
+def correction_table(corrections: list[torch.Tensor]) -> list[list[int]]:
+    """[value, count] of each correction value in -CLIP..CLIP that occurs, and [CLIP + 1, escapes]
+    for the larger ones (the header's table; both sides code the corrections with it)."""
     values = torch.cat(corrections) if corrections else torch.zeros(0, dtype=torch.int64)
-    k = int(values.abs().max()) if values.numel() else 0
-    return torch.bincount(values + k, minlength=2 * k + 1).tolist()
+    clipped = torch.where(values.abs() > CLIP, CLIP + 1, values)
+    found, counts = torch.unique(clipped, return_counts=True)
+    return [[int(v), int(c)] for v, c in zip(found.tolist(), counts.tolist(), strict=True)]
 
 
-def sparse_table(table: list[int]) -> list[list[int]]:
-    """The table as [value, count] pairs of the values that occur (for the header)."""
-    k = len(table) // 2
-    return [[i - k, c] for i, c in enumerate(table) if c]
-
-
-def dense_table(pairs: list[list[int]]) -> list[int]:
-    k = max((abs(v) for v, _ in pairs), default=0)
-    table = [0] * (2 * k + 1)
+def _alphabet(pairs: list[list[int]]) -> tuple[int, Any]:
+    """(offset, model) of the categorical over -k..k and the escape, k the largest clipped value."""
+    k = max((abs(v) for v, _ in pairs if v <= CLIP), default=0)
+    table = np.zeros(2 * k + 2, dtype=np.float64)
     for value, count in pairs:
-        table[value + k] = int(count)
-    return table
+        table[2 * k + 1 if value > CLIP else value + k] = count
+    return k, constriction_module().stream.model.Categorical(table, perfect=False)
 
 
-def _correction_model(table: list[int]) -> Any:
-    return constriction_module().stream.model.Categorical(np.asarray(table, dtype=np.float64), perfect=False)
+def push_corrections(coder: Any, corrections: torch.Tensor, pairs: list[list[int]]) -> None:
+    if len(pairs) == 1 and pairs[0][0] == 0:
+        return  # nothing to correct: nothing coded
+    k, model = _alphabet(pairs)
+    escaped = corrections.abs() > k
+    if bool(escaped.any()):
+        words = (corrections[escaped] + _OFFSET).numpy().astype(np.uint32)
+        raw = np.concatenate([words >> 16, words & 0xFFFF]).astype(np.int32)
+        coder.encode_reverse(raw, constriction_module().stream.model.Uniform(2**16))
+    symbols = torch.where(escaped, 2 * k + 1, corrections + k)
+    coder.encode_reverse(symbols.numpy().astype(np.int32), model)
 
 
-def push_corrections(coder: Any, corrections: torch.Tensor, table: list[int]) -> None:
-    if len(table) > 1:
-        k = len(table) // 2
-        coder.encode_reverse((corrections + k).numpy().astype(np.int32), _correction_model(table))
-
-
-def pop_corrections(coder: Any, count: int, table: list[int]) -> torch.Tensor:
-    if len(table) <= 1:
+def pop_corrections(coder: Any, count: int, pairs: list[list[int]]) -> torch.Tensor:
+    if len(pairs) == 1 and pairs[0][0] == 0:
         return torch.zeros(count, dtype=torch.int64)
-    k = len(table) // 2
-    return torch.from_numpy(coder.decode(_correction_model(table), count).astype(np.int64)) - k
+    k, model = _alphabet(pairs)
+    symbols = torch.from_numpy(coder.decode(model, count).astype(np.int64))
+    escaped = symbols == 2 * k + 1
+    values = symbols - k
+    n = int(escaped.sum())
+    if n:
+        raw = coder.decode(constriction_module().stream.model.Uniform(2**16), 2 * n).astype(np.int64)
+        values[escaped] = torch.from_numpy((raw[:n] << 16) + raw[n:]) - _OFFSET
+    return values
 
 
 def words_of(coder: Any) -> np.ndarray:
