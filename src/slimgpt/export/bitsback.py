@@ -233,7 +233,12 @@ def export_bits_back(directory: str | Path, output: str | Path, overwrite: bool 
         (tmp / "bits_back.md").write_text(_summary_markdown(summary, source))
 
     path = files.write_atomic_dir(output, fill, overwrite)
-    return path, result["summary"]
+    summary = result["summary"]
+    if summary.bitsback_bytes >= summary.safetensors_bytes:
+        logger.warning("%s is not smaller than the safetensors (%d >= %d bytes): %d angle bits is finer than the "
+                       "rotations can be recovered at; export again with a smaller --angle-bits", path,
+                       summary.bitsback_bytes, summary.safetensors_bytes, bits)
+    return path, summary
 
 
 def _summarise(path: Path, safetensors_bytes: int, facts: dict[str, Any], header_bytes: int, free: int,
