@@ -64,7 +64,8 @@ def check_source(args: argparse.Namespace) -> Path:
         report_path = source / "slimgpt_report.json"
         method = json.loads(report_path.read_text()).get("method", "slicegpt") if report_path.exists() else "slicegpt"
         raise ConfigError(f"{source} was sliced by --method {method} (shortcut matrices between layers), which no "
-                          "export format describes: load it with slimgpt (`import slimgpt`, then from_pretrained)")
+                          "runtime export format describes: load it with slimgpt (`import slimgpt`, then "
+                          "from_pretrained); --format bits-back makes a smaller file of it")
     if args.export_format != "remote-code" and args.output is None:
         kind = "file" if args.export_format == "gguf" else "folder"
         raise ConfigError(f"--format {args.export_format} writes a new {kind}: pass --output")
