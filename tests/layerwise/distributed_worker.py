@@ -23,8 +23,8 @@ import torch.distributed as dist
 import slimgpt.layerwise.distributed as distributed
 from slimgpt.cli import main as cli_main
 from slimgpt.config import PruneConfig
-from slimgpt.models.slim import load_model
 from slimgpt.layerwise.run import LayerHooks
+from slimgpt.models.slim import load_model
 from slimgpt.prune import prune_model
 from slimgpt.streaming import stream_prune
 
@@ -43,9 +43,9 @@ def record_writes(root: Path, writes: list[str]) -> None:
             writing = any(c in mode for c in "wax+") if isinstance(mode, str) else bool((flags or 0) & WRITE_FLAGS)
             if writing and os.path.abspath(args[0]).startswith(prefix):
                 writes.append(f"open {args[0]} {mode} {flags}")
-        elif event in WRITE_EVENTS and args and isinstance(args[0], (str, Path)):
-            if os.path.abspath(args[0]).startswith(prefix):
-                writes.append(f"{event} {args[0]}")
+        elif (event in WRITE_EVENTS and args and isinstance(args[0], (str, Path))
+              and os.path.abspath(args[0]).startswith(prefix)):
+            writes.append(f"{event} {args[0]}")
 
     sys.addaudithook(hook)
 
