@@ -241,7 +241,8 @@ def _resume(checkpoint: Checkpoint, config: PruneConfig, adapter: ModelAdapter, 
     loop.watch.seconds = state["stage_seconds"]
     logger.info("resuming after layer %d from %s", len(rows) - 1, checkpoint.directory)
     store = torch.device("cpu") if config.offload else loop.device
-    return rows, distributed.shard(checkpoint.stream()["hidden"]).to(store)  # this rank's windows
+    own = distributed.own_rows if distributed.current() is not None else None  # several ranks: read own windows
+    return rows, checkpoint.stream(own)["hidden"].to(store)
 
 
 def _activations(model: nn.Module, adapter: ModelAdapter, config: PruneConfig, layer_data: torch.Tensor | None,

@@ -63,6 +63,8 @@ def main(root: Path) -> None:
         assert group is not None and group.world_size == 2
         record_writes(root, writes)  # rank 0's list shows that the hook sees the writes
         base = ["prune", str(root / "dense"), *options]
+        # rank 0 alone checks the output (it exists here): every rank fails with its one-line error, at once
+        assert cli_main([*base, "-o", str(root / "dense")]) == 2
         assert cli_main([*base, "-o", str(run / "memory")]) == 0
         assert cli_main([*base, "-o", str(run / "stream"), "--stream"]) == 0
         # A run stopped after layer 0 leaves its checkpoint (rank 0 writes it from every rank's windows).

@@ -118,12 +118,15 @@ def launched(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[Grou
                               "launch with torchrun or accelerate launch (they set RANK, MASTER_ADDR, MASTER_PORT)"
                               ) from None
         created = True
+    package_logger = logging.getLogger("slimgpt")
+    level = package_logger.level
     try:
         with joined() as group:
             if group is not None and group.rank > 0:
-                logging.getLogger("slimgpt").setLevel(logging.WARNING)  # rank 0 logs for the run
+                package_logger.setLevel(logging.WARNING)  # rank 0 logs for the run
             yield group
     finally:
+        package_logger.setLevel(level)
         if created:
             dist.destroy_process_group()
 
@@ -162,6 +165,14 @@ def check_shardable(n: int) -> None:
     if n < world_size():
         raise DataError(f"{n} calibration windows cannot be shared by {world_size()} ranks: pass --nsamples "
                         f"{world_size()} or more, or launch fewer processes")
+
+
+def own_rows(n: int) -> slice:
+    """This rank's block of ``n`` windows (all of them in a single process)."""
+    if _GROUP is None:
+        return slice(0, n)
+    check_shardable(n)
+    return shard_bounds(n, _GROUP.world_size)[_GROUP.rank]
 
 
 def shard(windows: torch.Tensor) -> torch.Tensor:
