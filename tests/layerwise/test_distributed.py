@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 import slimgpt.layerwise.distributed as distributed
 from conftest import TEXT, make_model
@@ -133,13 +135,22 @@ def _assert_same_model(folder: Path, reference: Path) -> None:
         assert float((a[name].float() - b[name].float()).abs().max() / scale) < 1e-4, name
 
 
+def _char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character of TEXT: the same ids in every session (a trained BPE's merges can vary, and
+    with them the calibration windows)."""
+    vocab = {"<unk>": 0, "<eos>": 1} | {c: i + 2 for i, c in enumerate(sorted(set(TEXT)))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
+
+
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Path:
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The worker's runs with two ranks, and the same runs in this process (one rank) under ROOT/single."""
     root = tmp_path_factory.mktemp("distributed")
     model: Any = make_model("llama")
     model.save_pretrained(root / "dense", max_shard_size="50KB")  # sharded, so --stream streams
-    tokenizer.save_pretrained(root / "dense")
+    _char_tokenizer().save_pretrained(root / "dense")
     (root / "calib.txt").write_text(TEXT * 40)
     options = [*OPTIONS, "--calib", str(root / "calib.txt")]
     (root / "args.json").write_text(json.dumps(options))
