@@ -6,8 +6,11 @@ CPU), on the same model, options and calibration windows, then compares the two 
 and FFN channels of every layer, and the largest weight difference relative to each tensor's scale.
 The CPU cores are split between the ranks (OMP_NUM_THREADS), so both runs use the same cores.
 
-    python benchmarks/distributed.py                                  # tiny-gqa and smollm2-135m
-    python benchmarks/distributed.py --models tiny-gqa --nsamples 16 --seqlen 128 --ranks 2
+    python benchmarks/distributed.py                                  # tiny-gqa, 16 x 256 tokens
+    python benchmarks/distributed.py --models tiny-gqa,smollm2-135m --nsamples 8 --seqlen 128
+
+A third run, one process with another --batch-size (the same sums, rounded in another order), is the
+control: it shows how far float rounding alone moves the result.
 
 Prints a markdown table (docs/benchmarks.md, "Pruning across processes").
 """
@@ -54,25 +57,34 @@ def prune(model: str, output: Path, ranks: int, options: list[str], cores: int) 
     return time.perf_counter() - start
 
 
-def compare(ours: Path, reference: Path) -> tuple[bool, float]:
-    """(same kept heads and channels in every layer, largest max|a - b| / max|b| over the weight tensors)."""
+def compare(ours: Path, reference: Path) -> tuple[str, float | None]:
+    """The kept heads and channels against the reference ("same", or where they first differ and by how many),
+    and, when they are the same, the largest max|a - b| / max|b| over the weight tensors."""
     reports = [json.loads((f / "slimgpt_report.json").read_text()) for f in (ours, reference)]
-    same = all([r[k] for r in reports[0]["layers"]] == [r[k] for r in reports[1]["layers"]]
-               for k in ("kept_heads", "kept_channels"))
+    for mine, theirs in zip(reports[0]["layers"], reports[1]["layers"], strict=True):
+        heads = len(set(mine["kept_heads"]) ^ set(theirs["kept_heads"])) // 2
+        channels = len(set(mine["kept_channels"]) ^ set(theirs["kept_channels"])) // 2
+        if heads or channels:
+            return (f"from layer {mine['layer']}: {heads} of {theirs['heads_total']} heads, {channels} of "
+                    f"{theirs['ffn_total']} channels swapped"), None
     a, b = (dict(kv for file in sorted(f.glob("*.safetensors")) for kv in load_file(str(file)).items())
             for f in (ours, reference))
     worst = 0.0
     for name, tensor in b.items():
-        if a[name].shape != tensor.shape:
-            return False, float("inf")
         scale = tensor.float().abs().max().clamp_min(1e-12)
         worst = max(worst, float((a[name].float() - tensor.float()).abs().max() / scale))
-    return same, worst
+    return "same", worst
+
+
+def errors(folder: Path) -> list[float]:
+    """Each layer's o_proj and down_proj reconstruction errors (compensated) from the report."""
+    layers = json.loads((folder / "slimgpt_report.json").read_text())["layers"]
+    return [e for r in layers for e in (r["attn_error"], r["ffn_error"]) if e is not None]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="tiny-gqa,smollm2-135m")
+    parser.add_argument("--models", default="tiny-gqa")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=256)
@@ -80,23 +92,27 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)))
     args = parser.parse_args()
     options = ["--calib", "builtin", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--ratio",
-               str(args.ratio), "--device", "cpu", "--batch-size", "4"]
+               str(args.ratio), "--device", "cpu", "--batch-size", "4"]  # a later --batch-size wins (the control)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
-            single = prune(model, Path(tmp) / f"{model}-1", 1, options, args.cores)
-            multi = prune(model, Path(tmp) / f"{model}-{args.ranks}", args.ranks, options, args.cores)
-            same, worst = compare(Path(tmp) / f"{model}-{args.ranks}", Path(tmp) / f"{model}-1")
-            stages = [json.loads((Path(tmp) / f"{model}-{r}" / "slimgpt_report.json").read_text())["stage_seconds"]
-                      for r in (1, args.ranks)]
-            totals = [sum(s.values()) for s in stages]
-            rows.append(f"| {model} | {args.nsamples} x {args.seqlen} | {single:.1f} s ({totals[0]:.1f} s) "
-                        f"| {multi:.1f} s ({totals[1]:.1f} s) | {'yes' if same else 'NO'} | {worst:.1e} |")
+            runs = {"1 process": (1, options), f"{args.ranks} ranks": (args.ranks, options),
+                    "1 process, --batch-size 2 (control)": (1, [*options, "--batch-size", "2"])}
+            folders: dict[str, Path] = {}
+            for label, (ranks, opts) in runs.items():
+                folders[label] = Path(tmp) / f"{model}-{len(folders)}"
+                wall = prune(model, folders[label], ranks, opts, args.cores)
+                stages = sum(json.loads((folders[label] / "slimgpt_report.json").read_text())["stage_seconds"].values())
+                kept, worst = compare(folders[label], folders["1 process"])
+                ref, mine = errors(folders["1 process"]), errors(folders[label])
+                gap = max(abs(m - r) / max(abs(r), 1e-30) for m, r in zip(mine, ref, strict=True))
+                rows.append(f"| {model} | {label} | {wall:.1f} s ({stages:.1f} s) | {kept} | "
+                            f"{'-' if worst is None else f'{worst:.1e}'} | {gap:.1e} |")
     print(f"torch {torch.__version__}, {args.cores} CPU cores, load average {os.getloadavg()[0]:.1f} at the end; "
-          f"--ratio {args.ratio}, calibration builtin\n")
-    print(f"| model | windows x tokens | 1 process: wall (stages) | {args.ranks} ranks: wall (rank 0's stages) "
-          "| same kept sets | max weight difference / scale |")
-    print("| --- | --- | --- | --- | --- | --- |")
+          f"--ratio {args.ratio}, calibration builtin, {args.nsamples} x {args.seqlen} tokens, --batch-size 4\n")
+    print("| model | run | wall, start-up included (rank 0's stages) | kept heads / channels vs 1 process "
+          "| max weight difference / scale | max relative difference of the layer errors |")
+    print("| --- | --- | ---: | --- | ---: | ---: |")
     print("\n".join(rows))
 
 
