@@ -30,14 +30,15 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from slimgpt.errors import ConfigError, DataError, SlimGPTError
+from slimgpt._util.collectives import portable, receive_outcome, send_outcome
+from slimgpt.errors import ConfigError, DataError
 from slimgpt.solver.hessian import InputStatistics
 
 logger = logging.getLogger(__name__)
@@ -223,95 +224,6 @@ def broadcast_object(value: T) -> T:
     return box[0]
 
 
-@dataclass(frozen=True)
-class _Slot:
-    """Where a tensor was in a broadcast object: its shape, dtype and whether it lived on a GPU."""
-
-    index: int
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    cuda: bool
-
-
-def _pack(value: Any, tensors: list[torch.Tensor]) -> Any:
-    """``value`` with every tensor (in dataclass fields, lists, tuples, dict values) replaced by a _Slot."""
-    if isinstance(value, torch.Tensor):
-        tensors.append(value)
-        return _Slot(len(tensors) - 1, tuple(value.shape), value.dtype, value.device.type == "cuda")
-    if is_dataclass(value) and not isinstance(value, type):
-        packed = copy.copy(value)
-        for f in fields(value):
-            object.__setattr__(packed, f.name, _pack(getattr(value, f.name), tensors))
-        return packed
-    if isinstance(value, (list, tuple)):
-        return type(value)(_pack(v, tensors) for v in value)
-    if isinstance(value, dict):
-        return {k: _pack(v, tensors) for k, v in value.items()}
-    return value
-
-
-def _unpack(value: Any, tensors: list[torch.Tensor]) -> Any:
-    if isinstance(value, _Slot):
-        return tensors[value.index]
-    if is_dataclass(value) and not isinstance(value, type):
-        for f in fields(value):
-            object.__setattr__(value, f.name, _unpack(getattr(value, f.name), tensors))
-        return value
-    if isinstance(value, (list, tuple)):
-        return type(value)(_unpack(v, tensors) for v in value)
-    if isinstance(value, dict):
-        return {k: _unpack(v, tensors) for k, v in value.items()}
-    return value
-
-
-def _portable(error: BaseException) -> tuple[type[Exception], str]:
-    """An error as the other ranks raise it: the same class and message for a SlimGPTError."""
-    if isinstance(error, SlimGPTError):
-        return type(error), str(error)
-    return RuntimeError, f"rank 0 failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
-
-
-def _send_outcome(outcome: Any, error: BaseException | None, group: Group) -> None:
-    tensors: list[torch.Tensor] = []
-    packed = None if error is not None else _pack(outcome, tensors)
-    dist.broadcast_object_list([(packed, _portable(error) if error is not None else None)], src=0,
-                               device=group.device)
-    for tensor in tensors:
-        buffer = tensor.detach().to(group.device).contiguous()
-        dist.broadcast(buffer, src=0)
-
-
-def _receive_outcome(group: Group) -> Any:
-    box: list[Any] = [None]
-    dist.broadcast_object_list(box, src=0, device=group.device)
-    packed, failure = box[0]
-    if failure is not None:
-        kind, message = failure
-        raise kind(message)
-    slots: list[_Slot] = []
-    _collect_slots(packed, slots)
-    tensors: list[torch.Tensor] = []
-    for slot in sorted(slots, key=lambda s: s.index):
-        buffer = torch.empty(slot.shape, dtype=slot.dtype, device=group.device)
-        dist.broadcast(buffer, src=0)
-        tensors.append(buffer if slot.cuda else buffer.cpu())
-    return _unpack(packed, tensors)
-
-
-def _collect_slots(value: Any, slots: list[_Slot]) -> None:
-    if isinstance(value, _Slot):
-        slots.append(value)
-    elif is_dataclass(value) and not isinstance(value, type):
-        for f in fields(value):
-            _collect_slots(getattr(value, f.name), slots)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            _collect_slots(v, slots)
-    elif isinstance(value, dict):
-        for v in value.values():
-            _collect_slots(v, slots)
-
-
 def from_main(step: Callable[[], T]) -> T:
     """Run ``step`` on rank 0 alone; every rank returns its result (tensors included) or raises its error.
 
@@ -321,14 +233,14 @@ def from_main(step: Callable[[], T]) -> T:
     if group is None:
         return step()
     if group.rank != 0:
-        result: T = _receive_outcome(group)
+        result: T = receive_outcome(group.device)
         return result
     try:
         result = step()
     except BaseException as error:
-        _send_outcome(None, error, group)
+        send_outcome(None, error, group.device)
         raise
-    _send_outcome(result, None, group)
+    send_outcome(result, None, group.device)
     return result
 
 
@@ -363,7 +275,7 @@ def all_agree(step: Callable[[], T], key: Callable[[T], Any], what: str) -> T:
         result = step()
         outcome: tuple[Any, ...] = ("ok", key(result))
     except Exception as error:  # every rank learns of it before anyone waits for a collective
-        outcome = ("error", *_portable(error))
+        outcome = ("error", *portable(error))
         local: Exception | None = error
     else:
         local = None
