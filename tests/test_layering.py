@@ -18,11 +18,11 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "slimgpt"
 
 # (module prefix, layer); the longest matching prefix decides.
 LAYERS = {
-    "slimgpt.errors": 0, "slimgpt._util": 0,
+    "slimgpt.errors": 0, "slimgpt._util": 0, "slimgpt._util.collectives": 0,
     "slimgpt.solver": 1,
     "slimgpt.models": 2, "slimgpt.config": 2, "slimgpt.report": 2, "slimgpt.saving": 2, "slimgpt.data": 2,
     "slimgpt.corpus": 2,
-    "slimgpt.layerwise": 3,
+    "slimgpt.layerwise": 3, "slimgpt.layerwise.distributed": 3,
     "slimgpt.methods": 4,
     "slimgpt.prune": 5, "slimgpt.streaming": 5, "slimgpt.preflight": 5,
     "slimgpt.evaluation": 6, "slimgpt.export": 6, "slimgpt.finetune": 6,

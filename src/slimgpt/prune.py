@@ -14,6 +14,7 @@ Each finished layer can be checkpointed, and an interrupted run resumed bit for 
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import slimgpt.layerwise.distributed as distributed
 from slimgpt._util.timing import reset_peak_memory
 from slimgpt.config import PruneConfig
 from slimgpt.data import calibration_windows
@@ -98,18 +100,33 @@ def prune_model(
     refusal = method.cannot_stream()
     if refusal and layer_hooks is not None and layer_hooks.streams_weights:
         raise ConfigError(f"{refusal}: load it without layer streaming")
-    options = _Options(compact, checkpoint_dir, resume, model_name, progress, stop_after_layer, layer_hooks,
-                       _rerun_attention)
-    if isinstance(method, ModelMethod):
-        run = ModelRun(str(checkpoint_dir) if checkpoint_dir else None, resume, model_name, progress,
-                       stop_after_layer, layer_hooks)
-        report = method.run(model, resolve_calibration(config, calibration, tokenizer), run)
-    else:
-        assert isinstance(method, LayerMethod), f"{type(method).__name__} is neither a layer nor a model method"
-        report = _prune_layers(model, method, config, calibration, tokenizer, options)
+    with distributed.joined():  # several ranks: sharded windows, summed statistics, rank 0's decisions
+        if distributed.world_size() > 1 and cannot_distribute(method):
+            raise ConfigError(cannot_distribute(method))
+        progress = progress and distributed.is_main()
+        options = _Options(compact, checkpoint_dir, resume, model_name, progress, stop_after_layer, layer_hooks,
+                           _rerun_attention)
+        if isinstance(method, ModelMethod):
+            run = ModelRun(str(checkpoint_dir) if checkpoint_dir else None, resume, model_name, progress,
+                           stop_after_layer, layer_hooks)
+            report = method.run(model, resolve_calibration(config, calibration, tokenizer), run)
+        else:
+            assert isinstance(method, LayerMethod), f"{type(method).__name__} is neither a layer nor a model method"
+            report = _prune_layers(model, method, config, calibration, tokenizer, options)
     report.method_summary = method.summary
     report.method_options = method.card_options(report.config)
     return report
+
+
+def cannot_distribute(method: Method) -> str:
+    """Why ``method`` cannot prune across processes ("" if it can; methods without data work trivially)."""
+    if isinstance(method, ModelMethod):
+        return (f"--method {method.name} runs its own loop, whose statistics are not shared across processes: "
+                "run it in one process (without torchrun / accelerate launch)")
+    if method.needs_data and not method.needs_layer_inputs:
+        return (f"--method {method.name} needs whole-model gradients in one process: run it without torchrun / "
+                "accelerate launch")
+    return ""
 
 
 def resolve_calibration(config: PruneConfig, calibration: torch.Tensor | None, tokenizer: Any) -> torch.Tensor:
@@ -134,6 +151,10 @@ def _prune_layers(model: nn.Module, method: LayerMethod, config: PruneConfig, ca
     reset_peak_memory(loop.device)
     schedule, calibration = _plan(model, adapter, method, config, calibration, tokenizer, loop)
     layer_data = calibration if method.needs_layer_inputs else None
+    if distributed.current() is not None and layer_data is not None:
+        distributed.check_shardable(layer_data.shape[0])
+        logger.info("distributed: %s", distributed.describe(layer_data.shape[0]))
+    method = distributed.solve_on_main(method, ("prune_attention", "prune_ffn"))  # rank 0 decides
     totals = RunTotals(decoder_params(model, adapter), total_params(model))
     dense_output_biases = _output_biases(model, adapter)
     checkpoint = Checkpoint(Path(options.checkpoint_dir)) if options.checkpoint_dir else None
@@ -141,8 +162,11 @@ def _prune_layers(model: nn.Module, method: LayerMethod, config: PruneConfig, ca
     hidden: torch.Tensor | None = None
     if checkpoint is not None:
         checkpoint.fingerprint = run_fingerprint(model, layers, layer_data)
-    if checkpoint and options.resume and checkpoint.exists():
-        rows, hidden = _resume(checkpoint, config, adapter, layers, loop)
+    if checkpoint and options.resume:  # every rank reads the checkpoint; they must agree on it
+        rows, hidden = distributed.all_agree(
+            lambda: _resume(checkpoint, config, adapter, layers, loop) if checkpoint.exists() else ([], None),
+            lambda done: json.dumps([asdict(r) for r in done[0]], sort_keys=True, default=str),
+            f"the checkpoint in {checkpoint.directory}")
     acts = _activations(model, adapter, config, layer_data, hidden, loop, first_layer=len(rows))
     run = LayerRun(adapter, schedule, acts, loop.device, loop.watch, options.compact, options.rerun_attention)
 
@@ -155,8 +179,15 @@ def _prune_layers(model: nn.Module, method: LayerMethod, config: PruneConfig, ca
 
     def commit(index: int, layer: nn.Module, done: list[LayerReport]) -> None:
         assert checkpoint is not None and acts is not None
+        assert layer_data is not None
         state = {"config": config.to_dict(), "rows": [asdict(r) for r in done], "stage_seconds": loop.watch.seconds}
-        checkpoint.save(index, layer, {"hidden": acts.hidden}, state)
+        hidden = distributed.gather_windows(acts.hidden, layer_data.shape[0])  # every rank's (one process: as is)
+
+        def save() -> None:  # on rank 0 alone, which holds every rank's windows
+            assert checkpoint is not None and hidden is not None
+            checkpoint.save(index, layer, {"hidden": hidden}, state)
+
+        distributed.from_main(save)
 
     run_layers(layers, rows, loop, step, commit if checkpoint is not None and acts is not None else None)
     if options.compact and len(rows) == len(layers):
@@ -188,10 +219,11 @@ def _plan(model: nn.Module, adapter: ModelAdapter, method: LayerMethod, config: 
         logger.info("--method %s uses no calibration data; the calibration windows are not used", config.method)
         calibration = None
     if method.needs_data:
-        calibration = resolve_calibration(config, calibration, tokenizer)
+        calibration = distributed.broadcast_object(resolve_calibration(config, calibration, tokenizer))  # rank 0's
     if schedule is None:
-        with loop.watch.stage("plan", loop.device):
-            schedule = method.plan(model, adapter, calibration)
+        with loop.watch.stage("plan", loop.device):  # several ranks: the plan's statistics are summed
+            schedule = method.plan(model, adapter, distributed.shard(calibration) if calibration is not None else None)
+    schedule = distributed.broadcast_object(schedule)  # every rank follows rank 0's plan
     logger.info("schedule %s: per-layer ratios %s; target %.2f%%, realised %.2f%% of decoder parameters",
                 schedule.schedule, [round(p.ratio, 4) for p in schedule.layers], 100 * schedule.target_ratio,
                 100 * schedule.realised_ratio)
@@ -209,7 +241,8 @@ def _resume(checkpoint: Checkpoint, config: PruneConfig, adapter: ModelAdapter, 
     loop.watch.seconds = state["stage_seconds"]
     logger.info("resuming after layer %d from %s", len(rows) - 1, checkpoint.directory)
     store = torch.device("cpu") if config.offload else loop.device
-    return rows, checkpoint.stream()["hidden"].to(store)
+    own = distributed.own_rows if distributed.current() is not None else None  # several ranks: read own windows
+    return rows, checkpoint.stream(own)["hidden"].to(store)
 
 
 def _activations(model: nn.Module, adapter: ModelAdapter, config: PruneConfig, layer_data: torch.Tensor | None,
@@ -219,8 +252,8 @@ def _activations(model: nn.Module, adapter: ModelAdapter, config: PruneConfig, l
     if layer_data is not None and first_layer < len(adapter.decoder_layers(model)):
         store = torch.device("cpu") if config.offload else loop.device
         with loop.watch.stage("calibration_forward", loop.device):
-            captured, kwargs_by_size = capture_layer_inputs(model, adapter, layer_data, config.batch_size,
-                                                            loop.device, store)
+            captured, kwargs_by_size = capture_layer_inputs(model, adapter, distributed.shard(layer_data),
+                                                            config.batch_size, loop.device, store)
         hidden = hidden if hidden is not None else captured
         del captured
     return Activations(hidden, kwargs_by_size, config.batch_size, loop.device) if hidden is not None else None

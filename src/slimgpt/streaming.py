@@ -39,6 +39,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+import slimgpt.layerwise.distributed as distributed
 from slimgpt.config import PruneConfig
 from slimgpt.errors import ConfigError, SlimGPTError
 from slimgpt.layerwise.checkpoint import Checkpoint
@@ -112,6 +113,16 @@ class StreamResult:
     stats: StreamStats
 
 
+class _NoWriter(ShardWriter):
+    """The writer of a rank other than 0: it writes nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(Path(), 0)
+
+    def write(self, number: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Nothing: rank 0 writes the output."""
+
+
 def _load_tokenizer(directory: Path, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 
@@ -167,9 +178,9 @@ def stream_prune(
     stats = StreamStats(layer_params_max=max(sum(p.numel() for p in layer.parameters()) for layer in lazy.layers))
     reports: list[PruneReport] = []
 
-    def fill(out: Path) -> None:
-        writer = ShardWriter(out, n_shards=len(lazy.layers) + 1)
-        if checkpoint is not None and resume and checkpoint.exists():
+    def fill(out: Path | None) -> None:  # None: a rank other than 0, which prunes its windows and writes nothing
+        writer = ShardWriter(out, n_shards=len(lazy.layers) + 1) if out is not None else _NoWriter()
+        if out is not None and checkpoint is not None and resume and checkpoint.exists():
             _copy_checkpointed_layers(lazy, checkpoint, writer, stats)
         others = lazy.decoder_others()
         for module in others:
@@ -186,12 +197,19 @@ def stream_prune(
                                  layer_hooks=hooks)
         for module in others:
             lazy.release(module)
+        reports.append(report)
+        if out is None:
+            return
         writer.write(1, _rest_of_model(lazy, writer))
         writer.finish()
         _write_metadata(out, lazy, model_config, directory, tokenizer, report)
-        reports.append(report)
 
-    written = write_atomic_dir(output_path, fill, overwrite)
+    with distributed.joined():  # several ranks: only rank 0 writes the output (slimgpt.layerwise.distributed)
+        if distributed.is_main():
+            written = write_atomic_dir(output_path, fill, overwrite)
+        else:
+            fill(None)
+            written = output_path
     logger.info("streamed %d layers (%d restored from the checkpoint); at most %d decoder-layer parameters in "
                 "memory at once; reading %.1fs, writing %.1fs", len(stats.layers_streamed),
                 len(stats.layers_restored), stats.peak_resident_layer_params, stats.read_seconds,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from slimgpt.cli import common
 from slimgpt.config import GQA_POLICIES, HEAD_SCORES, SOLVERS, PruneConfig
@@ -44,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream", action="store_true",
                         help="for models larger than CPU RAM: read one decoder layer at a time from the safetensors "
                              "shards and write it out as soon as it is pruned (works with --resume)")
+    parser.add_argument("--dist-timeout", type=common.positive_int, default=1800,
+                        help="under torchrun / accelerate launch: seconds a rank waits for the others before it fails "
+                             "(default %(default)s)")
     add_prune_options(parser)
 
 
@@ -95,24 +99,38 @@ def config_from(args: argparse.Namespace) -> PruneConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    import slimgpt.layerwise.distributed as distributed
+    from slimgpt.errors import ConfigError
+    from slimgpt.methods import get_method
     from slimgpt.models.slim import load_model
-    from slimgpt.preflight import check_prune
-    from slimgpt.prune import prune_model
+    from slimgpt.preflight import RunPaths, check_prune
+    from slimgpt.prune import cannot_distribute, prune_model
     from slimgpt.saving import save_pruned
 
     config = config_from(args)  # validates every option before any work
-    output, checkpoint, lock = check_prune(args, config)  # every check, then the output's lock
-    if args.stream:  # one decoder layer in memory at a time (slimgpt.streaming)
-        from slimgpt.streaming import stream_prune
+    # torchrun / accelerate launch (WORLD_SIZE > 1): join the ranks; rank 0 alone checks, locks and writes
+    with distributed.launched(config.device, args.dist_timeout) as group:
+        if group is not None and cannot_distribute(get_method(config)):
+            raise ConfigError(cannot_distribute(get_method(config)))
+        held: list[RunPaths] = []
 
-        report = stream_prune(args.model, config, output, dtype=args.dtype, checkpoint_dir=checkpoint,
-                              resume=args.resume, overwrite=args.overwrite, model_name=args.model,
-                              trust_remote_code=args.trust_remote_code).report
-    else:
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu",
-                                      trust_remote_code=args.trust_remote_code)
-        report = prune_model(model, config, tokenizer=tokenizer, checkpoint_dir=checkpoint, resume=args.resume,
-                             model_name=args.model)
-        save_pruned(model, tokenizer, report, output, overwrite=args.overwrite)
-    common.finish_saved(report, output, checkpoint, args.json, lock)
+        def preflight() -> tuple[Path, Path]:
+            held.append(check_prune(args, config))  # every check, then the output's lock
+            return held[0].output, held[0].checkpoint
+
+        output, checkpoint = distributed.from_main(preflight)
+        if args.stream:  # one decoder layer in memory at a time (slimgpt.streaming)
+            from slimgpt.streaming import stream_prune
+
+            report = stream_prune(args.model, config, output, dtype=args.dtype, checkpoint_dir=checkpoint,
+                                  resume=args.resume, overwrite=args.overwrite, model_name=args.model,
+                                  trust_remote_code=args.trust_remote_code).report
+        else:
+            model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu",
+                                          trust_remote_code=args.trust_remote_code)
+            report = prune_model(model, config, tokenizer=tokenizer, checkpoint_dir=checkpoint, resume=args.resume,
+                                 model_name=args.model)
+            distributed.from_main(lambda: save_pruned(model, tokenizer, report, output, overwrite=args.overwrite))
+        if held:  # rank 0
+            common.finish_saved(report, output, checkpoint, args.json, held[0].lock)
     return 0

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from slimgpt.config import PruneConfig
+from slimgpt.layerwise.distributed import reduce_statistics
 from slimgpt.models.adapters import ModelAdapter
 from slimgpt.solver.hessian import InputStatistics
 
@@ -175,6 +176,8 @@ def dense_input_statistics(model: nn.Module, adapter: ModelAdapter, calibration:
         with collect_inputs(o_proj, attn), collect_inputs(down_proj, ffn):
             for _ in batches:
                 pass
+        reduce_statistics(attn)  # the sums over every rank's windows (a no-op in one process)
+        reduce_statistics(ffn)
         result.append((attn, ffn))
     return result
 

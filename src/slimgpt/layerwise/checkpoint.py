@@ -19,11 +19,12 @@ import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -169,8 +170,18 @@ class Checkpoint:
     def load_tensors(self, name: str) -> dict[str, torch.Tensor]:
         return self._load(self.directory / f"{name}.safetensors")
 
-    def stream(self) -> dict[str, torch.Tensor]:
-        return self._load(self._current() / f"{self.stream_name}.safetensors")
+    def stream(self, rows: Callable[[int], slice] | None = None) -> dict[str, torch.Tensor]:
+        """The stream file's tensors; ``rows(n)``: read only those rows of each (n rows; a rank's windows)."""
+        path = self._current() / f"{self.stream_name}.safetensors"
+        if rows is None:
+            return self._load(path)
+        try:
+            with safe_open(str(path), "pt") as file:
+                names = list(file.keys())
+                return {key: file.get_slice(key)[rows(file.get_slice(key).get_shape()[0])] for key in names}
+        except (OSError, SafetensorError) as error:
+            raise ConfigError(f"checkpoint file {path} cannot be read ({str(error).splitlines()[0]}): remove "
+                              f"{self.directory} to start over") from None
 
     def load_state(self) -> dict[str, Any]:
         try:

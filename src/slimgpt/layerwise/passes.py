@@ -16,6 +16,7 @@ from functools import partial
 from torch import nn
 
 from slimgpt.layerwise.capture import Activations, input_of
+from slimgpt.layerwise.distributed import reduce_statistics
 from slimgpt.models.adapters import ModelAdapter
 from slimgpt.solver.hessian import InputStatistics
 
@@ -30,6 +31,8 @@ def attention_pass(layer: nn.Module, adapter: ModelAdapter, acts: Activations, s
             stats.add(x)
         if keep:
             acts.keep_inner(part, x)
+    if stats is not None:
+        reduce_statistics(stats)  # the sums over every rank's windows (a no-op in one process)
 
 
 def ffn_pass(layer: nn.Module, adapter: ModelAdapter, acts: Activations, stats: InputStatistics | None,
@@ -50,6 +53,8 @@ def ffn_pass(layer: nn.Module, adapter: ModelAdapter, acts: Activations, stats: 
             mid = adapter.attention_block(layer, h, kw)
         if stats is not None:
             stats.add(input_of(down_proj, partial(adapter.mlp_block, layer, mid)))
+    if stats is not None:
+        reduce_statistics(stats)  # the sums over every rank's windows (a no-op in one process)
 
 
 def propagate(layer: nn.Module, adapter: ModelAdapter, acts: Activations, attention: bool) -> None:

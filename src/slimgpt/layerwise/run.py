@@ -16,6 +16,7 @@ from slimgpt._util.timing import Stopwatch, peak_memory
 from slimgpt._util.versions import versions
 from slimgpt.config import PruneConfig
 from slimgpt.errors import NumericalError
+from slimgpt.layerwise.distributed import world_size
 from slimgpt.models.geometry import total_params
 from slimgpt.report import LayerReport, PruneReport
 
@@ -101,7 +102,8 @@ def runtime_versions() -> dict[str, str]:
 
 def calibration_summary(config: PruneConfig, calibration: torch.Tensor | None) -> dict[str, Any]:
     return {"source": config.calib, "nsamples": int(calibration.shape[0]) if calibration is not None else 0,
-            "seqlen": int(calibration.shape[1]) if calibration is not None else 0, "seed": config.seed}
+            "seqlen": int(calibration.shape[1]) if calibration is not None else 0, "seed": config.seed,
+            "world_size": world_size()}
 
 
 @dataclass
