@@ -48,6 +48,7 @@ class ReferenceSolver(Solver):
         self._weight = weight.to(self.dtype).clone()
         self.hessian = hessian.to(self.dtype)
         self._pruned = torch.zeros(weight.shape[1], dtype=torch.bool, device=weight.device)
+        self._inverse: torch.Tensor | None = None  # this round's inverse, shared by its scores and removal
 
     @property
     def weight(self) -> torch.Tensor:
@@ -58,9 +59,12 @@ class ReferenceSolver(Solver):
         return self._pruned
 
     def inverse(self) -> torch.Tensor:
-        H = self.hessian.clone()
-        _decouple(H, self.pruned.nonzero().flatten())
-        return torch.cholesky_inverse(_cholesky(H))
+        """A fresh inverse once per round (not to be modified): a round's scores and removal share it."""
+        if self._inverse is None:
+            H = self.hessian.clone()
+            _decouple(H, self.pruned.nonzero().flatten())
+            self._inverse = torch.cholesky_inverse(_cholesky(H))
+        return self._inverse
 
     def remove(self, columns: torch.Tensor) -> None:
         if self.compensate:
@@ -78,6 +82,7 @@ class ReferenceSolver(Solver):
             self.weight[:, rest] -= errors @ U[:p, p:]
         self.weight[:, columns] = 0
         self.pruned[columns] = True
+        self._inverse = None
 
 
 SOLVERS: dict[str, type[Solver]] = {"fast": FastSolver, "reference": ReferenceSolver}
