@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -148,6 +149,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
 
     # Warm-up: first calls of the LAPACK paths pay one-off costs that are not the solvers'.
     warm = torch.randn(64, 512)
@@ -175,6 +177,7 @@ def main() -> None:
     if args.json:
         meta = {"torch": torch.__version__, "threads": args.threads, "cpu": platform.processor() or platform.machine(),
                 "clock": "speedup: process CPU time (1 thread: the solver's own work); speedup_wall: wall time",
+                "load": f"load average (1, 5, 15 min) at start {load_start}, at end {os.getloadavg()}",
                 "command": "python benchmarks/solver_speed.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
                                                                           vars(args).items() if k != "json")}
         with open(args.json, "w") as handle:

@@ -27,11 +27,9 @@ from slimgpt.solver.linalg import (
     INVERSE_BLOCK,
     batched_inverse_factor,
     block_scores,
-    cholesky,
     inverse_cholesky_factor,
     times_lower,
 )
-
 
 # The weight update skips removed columns while they form at most this many ranges (heads), not else (FFN).
 MAX_RUNS = 16
@@ -109,7 +107,7 @@ class FastSolver(Solver):
     def _rows_from(self, s: int, M_P: torch.Tensor, out: torch.Tensor) -> None:
         """out = (M^T M)[P_c, :] from M_P = M[s:, P_c]^T, the columns P_c >= s (M is zero above row s there)."""
         if s:
-            torch.mm(M_P, self._M[s:, :s], out=out[:, :s])
+            out[:, :s].addmm_(M_P, self._M[s:, :s], beta=0)
         times_lower(M_P, self._M[s:, s:], out[:, s:], INVERSE_BLOCK)  # M[s:, s:] is lower triangular
 
     def _reserve(self, p: int) -> torch.Tensor:

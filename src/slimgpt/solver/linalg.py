@@ -43,7 +43,7 @@ def _lower_times(T: torch.Tensor, X: torch.Tensor, out: torch.Tensor, block: int
     """out = T @ X for a lower-triangular T, skipping T's upper blocks (recursively down to ``block``)."""
     n = T.shape[0]
     if n <= block:
-        out.copy_(T @ X)
+        out.addmm_(T, X, beta=0)  # GEMM straight into the (possibly strided) view
         return
     h = _split(n)
     _lower_times(T[:h, :h], X[:h], out[:h], block)
@@ -55,7 +55,7 @@ def times_lower(X: torch.Tensor, T: torch.Tensor, out: torch.Tensor, block: int)
     """out = X @ T for a lower-triangular T, skipping T's upper blocks (recursively down to ``block``)."""
     n = T.shape[0]
     if n <= block:
-        out.copy_(X @ T)
+        out.addmm_(X, T, beta=0)
         return
     h = _split(n)
     times_lower(X[:, :h], T[:h, :h], out[:, :h], block)
