@@ -135,6 +135,21 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def merge(paths: list[str], out: str | None) -> None:
+    """One grid from parts: rows in grid order (d, ratio, heads before FFN), each part's meta kept."""
+    parts = []
+    for path in paths:
+        with open(path) as handle:
+            parts.append(json.load(handle))
+    order = {"heads": 0, "ffn": 1}
+    rows = sorted((row for part in parts for row in part["rows"]),
+                  key=lambda r: (r["d"], r["ratio"], order[r["kind"]], r["layer"], r["schedule"]))
+    print(table(rows))
+    if out:
+        with open(out, "w") as handle:
+            json.dump({"meta": {"parts": [part["meta"] for part in parts]}, "rows": rows}, handle, indent=2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--d-models", default="1024,2048,4096")
@@ -147,7 +162,13 @@ def main() -> None:
     parser.add_argument("--cap-from", type=int, default=11008, help="d_in from which the reference is capped")
     parser.add_argument("--reference-rounds", type=int, default=6)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="only combine the rows of earlier --json outputs (parts of the grid run side by side) "
+                             "into --json and print the table")
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, args.json)
+        return
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
 

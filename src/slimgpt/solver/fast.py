@@ -14,6 +14,12 @@ and a round needs only the rows Hinv_P (a p x d product, p = |P|) and, for scori
 the diagonal blocks, which are kept up to date at O(d p) a round. The d x d inverse is never formed,
 downdated, masked or symmetrised: per round the work is O(d^2 p) in three GEMMs, against the
 reference's fresh O(d^3) inversion.
+
+With few rounds (heads of 128 columns, 2-4 rounds) the one factorisation is a large share, so it
+runs in GEMMs that skip the triangular factors' zero blocks (linalg.inverse_cholesky_factor, about
+2/3 d^3 flops, the least that yields every diagonal block of Hinv the first round's exact scores
+need), and so do the rows (M[s:, s:] is triangular) and the heads' small block inverses
+(linalg.batched_inverse_factor instead of LAPACK's batched potrf/potri).
 """
 
 from __future__ import annotations
@@ -48,7 +54,8 @@ class FastSolver(Solver):
 
     State: ``_w`` the compensated full weight (removed columns zero), ``_M`` = L^-1 (lower triangular),
     ``_C`` the stacked downdate factors ([T, d], T columns removed so far), ``_diag`` = diag(Hinv) over
-    the survivors, and per units tensor the cached diagonal blocks Hinv[u, u].
+    the survivors (formed on the first ``channel_errors``: the head rounds never need it), and per
+    units tensor the cached diagonal blocks Hinv[u, u].
     """
 
     def __init__(self, weight: torch.Tensor, hessian: torch.Tensor, compensate: bool) -> None:

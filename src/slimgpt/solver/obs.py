@@ -9,8 +9,9 @@ and cost  E(P) = tr(W_P (Hinv_PP)^-1 W_P^T)  in units of the layer-wise squared 
 
 Two solvers give the same result (tested):
 - ``ReferenceSolver`` is the authors' way: every round it re-inverts H with the pruned columns
-  decoupled, takes the upper Cholesky factor of the permuted inverse and runs the sequential
-  GPTQ/SparseGPT recursion over the removed columns. O(d^3) per round. It is the baseline the fast
+  decoupled (once: the round's scores and its removal share that inverse), takes the upper Cholesky
+  factor of the permuted inverse and runs the sequential GPTQ/SparseGPT recursion over the removed
+  columns. O(d^3) per round. It is the baseline the fast
   solver is timed against, so it stays the straightforward one.
 - ``FastSolver`` (``solver/fast.py``) factors H once (M = L^-1, Hinv = M^T M) and then applies the
   Schur complement Hinv_RR <- Hinv_RR - Hinv_RP Hinv_PP^-1 Hinv_PR (exactly the inverse of H_RR) as a
