@@ -156,6 +156,7 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.2,0.5")
     parser.add_argument("--kinds", default="heads,ffn")
     parser.add_argument("--schedules", default="halving,authors")
+    parser.add_argument("--head-dims", default=None, help="head_dims to time (default: 128 and d/32)")
     parser.add_argument("--rank", type=int, default=1024, help="rank of the random Hessian's main part")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="best-of repeats (both solvers) for d <= 1024")
@@ -184,7 +185,8 @@ def main() -> None:
         for ratio in (float(r) for r in args.ratios.split(",")):
             specs: list[tuple[str, Any]] = []
             if "heads" in args.kinds:
-                specs += [("heads", hd) for hd in sorted({128, d // 32})]
+                dims = {128, d // 32} if args.head_dims is None else {int(x) for x in args.head_dims.split(",")}
+                specs += [("heads", hd) for hd in sorted(dims)]
             if "ffn" in args.kinds:
                 specs += [("ffn", schedule) for schedule in args.schedules.split(",")]
             for kind, what in specs:
