@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -134,20 +135,43 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def merge(paths: list[str], out: str | None) -> None:
+    """One grid from parts: rows in grid order (d, ratio, heads before FFN), each part's meta kept."""
+    parts = []
+    for path in paths:
+        with open(path) as handle:
+            parts.append(json.load(handle))
+    order = {"heads": 0, "ffn": 1}
+    rows = sorted((row for part in parts for row in part["rows"]),
+                  key=lambda r: (r["d"], r["ratio"], order[r["kind"]], r["layer"], r["schedule"]))
+    print(table(rows))
+    if out:
+        with open(out, "w") as handle:
+            json.dump({"meta": {"parts": [part["meta"] for part in parts]}, "rows": rows}, handle, indent=2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--d-models", default="1024,2048,4096")
     parser.add_argument("--ratios", default="0.2,0.5")
     parser.add_argument("--kinds", default="heads,ffn")
     parser.add_argument("--schedules", default="halving,authors")
+    parser.add_argument("--head-dims", default=None, help="head_dims to time (default: 128 and d/32)")
     parser.add_argument("--rank", type=int, default=1024, help="rank of the random Hessian's main part")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="best-of repeats (both solvers) for d <= 1024")
     parser.add_argument("--cap-from", type=int, default=11008, help="d_in from which the reference is capped")
     parser.add_argument("--reference-rounds", type=int, default=6)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="only combine the rows of earlier --json outputs (parts of the grid run side by side) "
+                             "into --json and print the table")
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, args.json)
+        return
     torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
 
     # Warm-up: first calls of the LAPACK paths pay one-off costs that are not the solvers'.
     warm = torch.randn(64, 512)
@@ -161,7 +185,8 @@ def main() -> None:
         for ratio in (float(r) for r in args.ratios.split(",")):
             specs: list[tuple[str, Any]] = []
             if "heads" in args.kinds:
-                specs += [("heads", hd) for hd in sorted({128, d // 32})]
+                dims = {128, d // 32} if args.head_dims is None else {int(x) for x in args.head_dims.split(",")}
+                specs += [("heads", hd) for hd in sorted(dims)]
             if "ffn" in args.kinds:
                 specs += [("ffn", schedule) for schedule in args.schedules.split(",")]
             for kind, what in specs:
@@ -175,6 +200,7 @@ def main() -> None:
     if args.json:
         meta = {"torch": torch.__version__, "threads": args.threads, "cpu": platform.processor() or platform.machine(),
                 "clock": "speedup: process CPU time (1 thread: the solver's own work); speedup_wall: wall time",
+                "load": f"load average (1, 5, 15 min) at start {load_start}, at end {os.getloadavg()}",
                 "command": "python benchmarks/solver_speed.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
                                                                           vars(args).items() if k != "json")}
         with open(args.json, "w") as handle:

@@ -10,7 +10,7 @@ import torch
 from slimgpt.errors import NumericalError
 from slimgpt.solver.base import Solver
 from slimgpt.solver.hessian import InputStatistics, damped_inverse, prepare_hessian
-from slimgpt.solver.linalg import inverse_cholesky_factor, spd_inverse
+from slimgpt.solver.linalg import batched_inverse_factor, inverse_cholesky_factor, spd_inverse, times_lower
 from slimgpt.solver.obs import FastSolver, ReferenceSolver, group_cost, group_scores, reconstruction_error
 from slimgpt.solver.structured import greedy_remove_units, group_sizes, remove_channels
 
@@ -297,3 +297,84 @@ def _pinned_large_layer_heads() -> list[int]:
         return greedy_remove_units(ReferenceSolver(W, H, compensate=True), torch.arange(640).view(10, 64), rounds=5)
     finally:
         torch.set_num_threads(previous)
+
+
+# --- The paths added for few-round head shapes and large FFN groups (the same sets and weights) ---
+
+
+def test_factor_reads_only_the_lower_triangle() -> None:
+    H = _spd(333, seed=7)
+    garbage = H.clone()
+    garbage.triu_(1).mul_(-1e6).add_(H.tril())  # the strict upper triangle is garbage, the lower one H's
+    assert torch.equal(inverse_cholesky_factor(garbage, block=64), inverse_cholesky_factor(H, block=64))
+
+
+@pytest.mark.parametrize("n", [64, 200])
+def test_triangular_products_equal_plain_ones(n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    T = torch.randn(n, n, generator=g, dtype=torch.float64).tril()
+    X = torch.randn(7, n, generator=g, dtype=torch.float64)
+    out = torch.full((7, n), math.nan, dtype=torch.float64)  # never read: the products write with beta=0
+    times_lower(X, T, out, block=64)
+    assert torch.allclose(out, X @ T, rtol=1e-12, atol=1e-12 * float((X @ T).abs().max()))
+
+
+@pytest.mark.parametrize("g", [8, 128])
+def test_batched_inverse_factor_equals_the_inverse(g: int) -> None:
+    blocks = torch.stack([_spd(g, seed=s) for s in range(3)])
+    N = batched_inverse_factor(blocks)
+    assert torch.equal(N, N.tril())
+    truth = torch.linalg.inv(blocks)
+    assert (N.mT @ N - truth).norm() / truth.norm() < 1e-10
+    bad = blocks.clone()
+    bad[1, -1, -1] = -1.0
+    with pytest.raises(NumericalError, match="damping"):
+        batched_inverse_factor(bad)
+
+
+def _wide_layer(d_in: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 layer with a correlated, decaying-spectrum Hessian (as in benchmarks/solver_speed.py)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(48, d_in, generator=g)
+    B = torch.randn(d_in, d_in // 2, generator=g) * torch.linspace(1.0, 0.05, d_in // 2)
+    H = B @ B.t() / (d_in // 2) + torch.diag(torch.rand(d_in, generator=g) * 0.1)
+    return W, prepare_hessian(H, W.clone(), 0.01)
+
+
+@pytest.mark.parametrize(("d_in", "rounds"), [(512, 2), (640, 3)])
+def test_head_dim_128_few_rounds_matches_reference(d_in: int, rounds: int) -> None:
+    # head_dim 128: the heads' blocks take the batched GEMM inverse, the rows the triangular recursion
+    W, H = _wide_layer(d_in, seed=d_in)
+    units = torch.arange(d_in).view(d_in // 128, 128)
+    results = []
+    for cls in (ReferenceSolver, FastSolver):
+        solver = cls(W, H, compensate=True)
+        results.append((greedy_remove_units(solver, units, rounds=rounds, score="gcd"), solver.weight))
+    assert results[0][0] == results[1][0]
+    assert (results[0][1] - results[1][1]).norm() / results[0][1].norm() < 1e-4
+
+
+def test_large_channel_groups_match_reference() -> None:
+    # a group over 2 x 128 columns takes L_P^-1 from the recursive factor, smaller ones the batched one
+    W, H = _wide_layer(640, seed=8)
+    results = []
+    for cls in (ReferenceSolver, FastSolver):
+        solver = cls(W, H, compensate=True)
+        results.append((sorted(remove_channels(solver, [300, 100, 20])), solver.weight))
+    assert results[0][0] == results[1][0]
+    assert (results[0][1] - results[1][1]).norm() / results[0][1].norm() < 1e-4
+
+
+def test_reference_inverts_once_a_round() -> None:
+    W, _, H = _layer(d_in=24, seed=9)
+    solver = ReferenceSolver(W, H, compensate=True)
+    first = solver.inverse()
+    assert solver.inverse() is first  # the round's scores and its removal share one inverse
+    solver.remove(torch.tensor([1, 5, 6]))
+    masked = H.clone()
+    for j in (1, 5, 6):
+        masked[j, :] = 0
+        masked[:, j] = 0
+        masked[j, j] = 1
+    assert solver.inverse() is not first
+    assert torch.allclose(solver.inverse(), torch.linalg.inv(masked), rtol=1e-8, atol=1e-10)

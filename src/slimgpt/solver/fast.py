@@ -14,6 +14,12 @@ and a round needs only the rows Hinv_P (a p x d product, p = |P|) and, for scori
 the diagonal blocks, which are kept up to date at O(d p) a round. The d x d inverse is never formed,
 downdated, masked or symmetrised: per round the work is O(d^2 p) in three GEMMs, against the
 reference's fresh O(d^3) inversion.
+
+With few rounds (heads of 128 columns, 2-4 rounds) the one factorisation is a large share, so it
+runs in GEMMs that skip the triangular factors' zero blocks (linalg.inverse_cholesky_factor, about
+2/3 d^3 flops, the least that yields every diagonal block of Hinv the first round's exact scores
+need), and so do the rows (M[s:, s:] is triangular) and the heads' small block inverses
+(linalg.batched_inverse_factor instead of LAPACK's batched potrf/potri).
 """
 
 from __future__ import annotations
@@ -23,7 +29,16 @@ import math
 import torch
 
 from slimgpt.solver.base import Solver
-from slimgpt.solver.linalg import block_scores, cholesky, inverse_cholesky_factor
+from slimgpt.solver.linalg import (
+    INVERSE_BLOCK,
+    batched_inverse_factor,
+    block_scores,
+    inverse_cholesky_factor,
+    times_lower,
+)
+
+# The weight update skips removed columns while they form at most this many ranges (heads), not else (FFN).
+MAX_RUNS = 16
 
 
 def _contiguous_starts(units: torch.Tensor) -> list[int] | None:
@@ -39,7 +54,8 @@ class FastSolver(Solver):
 
     State: ``_w`` the compensated full weight (removed columns zero), ``_M`` = L^-1 (lower triangular),
     ``_C`` the stacked downdate factors ([T, d], T columns removed so far), ``_diag`` = diag(Hinv) over
-    the survivors, and per units tensor the cached diagonal blocks Hinv[u, u].
+    the survivors (formed on the first ``channel_errors``: the head rounds never need it), and per
+    units tensor the cached diagonal blocks Hinv[u, u].
     """
 
     def __init__(self, weight: torch.Tensor, hessian: torch.Tensor, compensate: bool) -> None:
@@ -49,7 +65,7 @@ class FastSolver(Solver):
         self._M = inverse_cholesky_factor(hessian.to(self.dtype))  # [d, d], Hinv = M^T M
         self._C = self._w.new_empty(0, d)  # [T, d] downdate factors (capacity grows by doubling)
         self._T = 0
-        self._diag = torch.linalg.vector_norm(self._M, dim=0).square_()  # [d]: diag(M^T M)
+        self._diag: torch.Tensor | None = None  # diag(Hinv), formed on first use (FFN rounds only)
         self._pruned = torch.zeros(d, dtype=torch.bool, device=weight.device)
         self._blocks: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (units, blocks, T folded in)
 
@@ -70,36 +86,51 @@ class FastSolver(Solver):
         full[self._pruned, self._pruned] = 1
         return full
 
-    def _rows(self, columns: torch.Tensor) -> torch.Tensor:
+    def _rows(self, columns: torch.Tensor, start: int | None) -> torch.Tensor:
         """Hinv[P, :] over the survivors ([p, d], zero at removed columns); ``columns`` sorted.
 
         M is lower triangular, so column j of M is zero above row j: (M^T M)[P_c, :] needs only M's rows
-        from min(P_c) on. Scattered columns (FFN channels) go in chunks, each from its own first row,
-        which halves the work against one product from row min(P).
+        from min(P_c) on. A head (``start``: its first column, the columns consecutive) is one slice of
+        M, and the product with the triangular part M[s:, s:] skips its zero blocks; scattered columns
+        (FFN channels) go in chunks, each from its own first row, which halves the work against one
+        product from row min(P).
         """
-        contiguous = _contiguous_starts(columns[None]) is not None  # a head: one slice of M, no gather
-        chunks = [columns] if contiguous else list(columns.tensor_split(max(1, min(8, len(columns) // 32))))
-        parts = []
-        for chunk in chunks:
-            s = int(chunk[0])
-            M_c = self._M[s:, s:s + len(chunk)] if contiguous else self._M[s:, chunk]  # [d - s, |P_c|]
-            parts.append(M_c.mT @ self._M[s:])  # [|P_c|, d]: (M^T M)[P_c, :]
-        rows = parts[0] if len(parts) == 1 else torch.cat(parts)
+        rows = self._M.new_empty(len(columns), self._M.shape[1])
+        if start is not None:
+            self._rows_from(start, self._M[start:, start:start + len(columns)].mT, rows)
+        else:
+            done = 0
+            for chunk in columns.tensor_split(max(1, min(8, len(columns) // 32))):
+                c = int(chunk[0])
+                self._rows_from(c, self._M[c:, chunk].mT, rows[done:done + len(chunk)])
+                done += len(chunk)
         if self._T:
             C = self._C[:self._T]
-            rows.addmm_(C[:, columns].mT, C, alpha=-1)  # minus (C^T C)[P, :]
-        rows.masked_fill_(self._pruned, 0)  # removed columns are decoupled
+            C_P = C[:, start:start + len(columns)] if start is not None else C[:, columns]
+            rows.addmm_(C_P.mT, C, alpha=-1)  # minus (C^T C)[P, :]
+            rows.masked_fill_(self._pruned, 0)  # removed columns are decoupled
         return rows
 
-    def _append(self, F: torch.Tensor) -> None:
-        """Stack a round's factor F ([p, d]) under C, doubling the buffer when full."""
-        need = self._T + F.shape[0]
+    def _rows_from(self, s: int, M_P: torch.Tensor, out: torch.Tensor) -> None:
+        """out = (M^T M)[P_c, :] from M_P = M[s:, P_c]^T, the columns P_c >= s (M is zero above row s there)."""
+        if s:
+            out[:, :s].addmm_(M_P, self._M[s:, :s], beta=0)
+        times_lower(M_P, self._M[s:, s:], out[:, s:], INVERSE_BLOCK)  # M[s:, s:] is lower triangular
+
+    def _reserve(self, p: int) -> torch.Tensor:
+        """The next p rows of the stacked factors C ([p, d]), doubling the buffer when full."""
+        need = self._T + p
         if need > self._C.shape[0]:
             grown = self._C.new_empty(max(need, 2 * self._C.shape[0]), self._C.shape[1])
             grown[:self._T] = self._C[:self._T]
             self._C = grown
-        self._C[self._T:need] = F
-        self._T = need
+        return self._C[self._T:need]
+
+    def _live_runs(self) -> list[tuple[int, int]]:
+        """Maximal ranges [a, b) of surviving columns (the weight update skips the removed ones)."""
+        edges = torch.diff(self._pruned.to(torch.int8), prepend=self._pruned.new_ones(1).to(torch.int8),
+                           append=self._pruned.new_ones(1).to(torch.int8)).nonzero().flatten().tolist()
+        return list(zip(edges[::2], edges[1::2], strict=True))
 
     def remove(self, columns: torch.Tensor) -> None:
         columns = columns.to(self._pruned.device).sort().values  # the set matters, not its order
@@ -107,19 +138,34 @@ class FastSolver(Solver):
             return
         if bool(self._pruned[columns].any()) or len(torch.unique(columns)) != len(columns):
             raise ValueError("a column is already removed (or given twice); each column can go once")
-        rows = self._rows(columns)  # [p, d]
-        factor = cholesky(rows[:, columns])  # Hinv_PP = L_P L_P^T
-        F = torch.linalg.solve_triangular(factor, rows, upper=False)  # [p, d]: L_P^-1 Hinv_P
+        found = _contiguous_starts(columns[None])
+        start = found[0] if found is not None else None
+        rows = self._rows(columns, start)  # [p, d]
+        rows_P = rows[:, start:start + len(columns)] if start is not None else rows[:, columns]
+        # Hinv_PP = L_P L_P^T; N = L_P^-1 explicitly (p x p), so that both products below are GEMMs
+        N = inverse_cholesky_factor(rows_P) if len(columns) > 2 * INVERSE_BLOCK else \
+            batched_inverse_factor(rows_P[None])[0]
+        F = self._reserve(len(columns))
+        torch.mm(N, rows, out=F)  # [p, d]: L_P^-1 Hinv_P
         if self.compensate:
-            W_P = torch.linalg.solve_triangular(factor, self._w[:, columns].mT, upper=False).mT  # W_P L_P^-T
-            self._w.addmm_(W_P, F, alpha=-1)  # OBS block update; F is zero on removed columns
-        self._w[:, columns] = 0
+            W_P = self._w[:, start:start + len(columns)] if start is not None else self._w[:, columns]
+            W_P = W_P @ N.mT  # W_P L_P^-T
+            runs = self._live_runs()  # OBS block update; F is zero on removed columns, so skip them
+            for a, b in runs if len(runs) <= MAX_RUNS else [(0, self._w.shape[1])]:  # (heads: few runs)
+                self._w[:, a:b].addmm_(W_P, F[:, a:b], alpha=-1)
+        if start is not None:
+            self._w[:, start:start + len(columns)] = 0
+        else:
+            self._w[:, columns] = 0
         self._pruned[columns] = True
-        self._append(F)
-        self._diag -= F.square().sum(0)  # diag(F^T F)
+        self._T += len(columns)
+        if self._diag is not None:
+            self._diag -= F.square().sum(0)  # diag(F^T F)
 
     def channel_errors(self) -> torch.Tensor:
-        errors = torch.linalg.vector_norm(self._w, dim=0).square_() / self._diag
+        if self._diag is None:  # diag(M^T M - C^T C); square().sum(0) reads rows, unlike a column norm
+            self._diag = self._M.square().sum(0) - self._C[:self._T].square().sum(0)
+        errors = self._w.square().sum(0) / self._diag
         errors[self._pruned] = math.inf
         return errors
 
@@ -153,12 +199,26 @@ class FastSolver(Solver):
             columns = self._w[:, live_units].permute(1, 2, 0)  # [U, g, d_out]
             scores[live] = block_scores(live_blocks, columns, mode).cpu()
             return scores
-        # tr(W_P B^-1 W_P^T) = sum(B^-1 * W_P^T W_P): one GEMM per unit on W in place (heads are
-        # contiguous), instead of a batched triangular solve against a gathered copy of W.
-        starts = _contiguous_starts(live_units)
-        g = units.shape[1]
-        views = [self._w[:, a:a + g] for a in starts] if starts is not None else \
-            [self._w[:, u] for u in live_units]  # each [d_out, g]
-        grams = torch.stack([v.mT @ v for v in views])  # [U, g, g]
-        scores[live] = (grams * torch.cholesky_inverse(cholesky(live_blocks))).sum((1, 2)).cpu()
+        # tr(W_P B^-1 W_P^T) = tr(N W_P^T W_P N^T) with B = L L^T, N = L^-1: the Grams come from W in
+        # place (heads are contiguous), and N from GEMMs instead of LAPACK's small potrf/potri.
+        N = batched_inverse_factor(live_blocks)  # [U, g, g]
+        scores[live] = (N * (N @ self._grams(live_units))).sum((1, 2)).cpu()
         return scores
+
+    def _grams(self, units: torch.Tensor) -> torch.Tensor:
+        """W_u^T W_u for each unit ([U, g, g]): one batched GEMM per run of adjacent heads, read in place."""
+        g = units.shape[1]
+        starts = _contiguous_starts(units)
+        if starts is None:
+            return torch.stack([self._w[:, u].mT @ self._w[:, u] for u in units])
+        runs: list[list[int]] = []
+        for a in starts:
+            if runs and a == runs[-1][-1] + g:
+                runs[-1].append(a)
+            else:
+                runs.append([a])
+        grams = []
+        for run in runs:
+            view = self._w[:, run[0]:run[-1] + g].unflatten(1, (len(run), g)).transpose(0, 1)  # [r, d_out, g]
+            grams.append(view.mT @ view)
+        return grams[0] if len(grams) == 1 else torch.cat(grams)

@@ -9,8 +9,9 @@ and cost  E(P) = tr(W_P (Hinv_PP)^-1 W_P^T)  in units of the layer-wise squared 
 
 Two solvers give the same result (tested):
 - ``ReferenceSolver`` is the authors' way: every round it re-inverts H with the pruned columns
-  decoupled, takes the upper Cholesky factor of the permuted inverse and runs the sequential
-  GPTQ/SparseGPT recursion over the removed columns. O(d^3) per round. It is the baseline the fast
+  decoupled (once: the round's scores and its removal share that inverse), takes the upper Cholesky
+  factor of the permuted inverse and runs the sequential GPTQ/SparseGPT recursion over the removed
+  columns. O(d^3) per round. It is the baseline the fast
   solver is timed against, so it stays the straightforward one.
 - ``FastSolver`` (``solver/fast.py``) factors H once (M = L^-1, Hinv = M^T M) and then applies the
   Schur complement Hinv_RR <- Hinv_RR - Hinv_RP Hinv_PP^-1 Hinv_PR (exactly the inverse of H_RR) as a
@@ -48,6 +49,7 @@ class ReferenceSolver(Solver):
         self._weight = weight.to(self.dtype).clone()
         self.hessian = hessian.to(self.dtype)
         self._pruned = torch.zeros(weight.shape[1], dtype=torch.bool, device=weight.device)
+        self._inverse: torch.Tensor | None = None  # this round's inverse, shared by its scores and removal
 
     @property
     def weight(self) -> torch.Tensor:
@@ -58,9 +60,12 @@ class ReferenceSolver(Solver):
         return self._pruned
 
     def inverse(self) -> torch.Tensor:
-        H = self.hessian.clone()
-        _decouple(H, self.pruned.nonzero().flatten())
-        return torch.cholesky_inverse(_cholesky(H))
+        """A fresh inverse once per round (not to be modified): a round's scores and removal share it."""
+        if self._inverse is None:
+            H = self.hessian.clone()
+            _decouple(H, self.pruned.nonzero().flatten())
+            self._inverse = torch.cholesky_inverse(_cholesky(H))
+        return self._inverse
 
     def remove(self, columns: torch.Tensor) -> None:
         if self.compensate:
@@ -78,6 +83,7 @@ class ReferenceSolver(Solver):
             self.weight[:, rest] -= errors @ U[:p, p:]
         self.weight[:, columns] = 0
         self.pruned[columns] = True
+        self._inverse = None
 
 
 SOLVERS: dict[str, type[Solver]] = {"fast": FastSolver, "reference": ReferenceSolver}
