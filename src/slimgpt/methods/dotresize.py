@@ -21,7 +21,7 @@ from slimgpt.solver.transport import merge_columns
 
 EPSILON = 0.05  # Sinkhorn's eps as a multiple of the mean transport cost (docs/results/dotresize.md)
 MAX_ITER = 2000
-TOL = 1e-9  # L1 error of the plan's target marginals (which sum to one)
+TOL = 1e-6  # L1 error of the plan's target marginals (which sum to one): far below any effect on the merge
 
 
 @register

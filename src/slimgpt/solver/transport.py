@@ -35,7 +35,6 @@ import torch
 from slimgpt.errors import NumericalError
 
 CHECK_EVERY = 10  # rounds between two checks of the marginals (a check costs as much as a round)
-KERNEL_LIMIT = 500.0  # max C / eps below which exp(-C / eps) stays far from float64's underflow (~745)
 
 
 def activation_cost(gram: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
@@ -61,7 +60,7 @@ class SinkhornResult:
 
 def sinkhorn_log(cost: torch.Tensor, source: torch.Tensor | None = None, target: torch.Tensor | None = None,
                  epsilon: float = 0.05, relative: bool = True, max_iter: int = 2000,
-                 tol: float = 1e-9) -> SinkhornResult:
+                 tol: float = 1e-9, domain: str = "auto") -> SinkhornResult:
     """The entropic OT plan between ``source`` (a, [n]) and ``target`` (b, [m]) for ``cost`` C [n, m].
 
     a and b default to uniform (1/n, 1/m) and must each sum to one. ``epsilon`` is eps itself or, with
@@ -72,10 +71,13 @@ def sinkhorn_log(cost: torch.Tensor, source: torch.Tensor | None = None, target:
         f_i = eps log a_i - eps logsumexp_j((g_j - C_ij) / eps),
 
     stop when the column marginals' L1 error falls below ``tol`` (checked every ``CHECK_EVERY`` rounds; the
-    rows are exact after each f update) or after ``max_iter`` rounds. The same iteration in the kernel
-    domain (u = a / K v, v = b / K^T u with K = exp(-C / eps): two matrix-vector products a round instead
-    of two exponentials of C) runs first; where K underflows (max C / eps large) or the scalings leave the
-    float range, the log-domain form above takes over from the start. Deterministic: float64, fixed order.
+    rows are exact after each f update) or after ``max_iter`` rounds. ``domain`` "auto" (the default) runs
+    the same iteration in the kernel domain first (u = a / K v, v = b / K^T u: two matrix-vector products a
+    round instead of two exponentials of C), with K_ij = exp(-(C_ij - min_k C_ik) / eps): the row shift is
+    absorbed by u and leaves a 1 in every row, and in every column whose target is also a source (as in
+    neuron merging, C_jj = 0), so no row or column of K underflows whatever eps; if a scaling still leaves
+    the float range it falls back to the log-domain form above, which never forms K. "kernel" / "log" force
+    one. Deterministic: float64, fixed order, no randomness.
     """
     C = cost.to(torch.float64)
     n, m = C.shape
@@ -90,9 +92,11 @@ def sinkhorn_log(cost: torch.Tensor, source: torch.Tensor | None = None, target:
     eps = epsilon * (scale if scale > 0 else 1.0)
     if not eps > 0:
         raise ValueError(f"epsilon must be positive, got {epsilon}")
-    result = None
-    if float(C.max()) / eps < KERNEL_LIMIT:
-        result = _sinkhorn_kernel(C, a, b, eps, max_iter, tol)
+    if domain not in ("auto", "kernel", "log"):
+        raise ValueError(f"unknown Sinkhorn domain {domain!r}: auto, kernel or log")
+    result = None if domain == "log" else _sinkhorn_kernel(C, a, b, eps, max_iter, tol)
+    if result is None and domain == "kernel":
+        raise NumericalError("the kernel-domain Sinkhorn scalings overflowed: use the log domain or a larger eps")
     if result is None:
         result = _sinkhorn_log_domain(C, a, b, eps, max_iter, tol)
     if not bool(torch.isfinite(result.plan).all()):
@@ -106,12 +110,12 @@ def _column_error(plan: torch.Tensor, b: torch.Tensor) -> float:
 
 def _sinkhorn_kernel(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, max_iter: int,
                      tol: float) -> SinkhornResult | None:
-    """Sinkhorn-Knopp on K = exp(-C / eps); None if a scaling leaves the float range."""
-    K = torch.exp(-C / eps)
+    """Sinkhorn-Knopp on the row-shifted kernel; None if a scaling leaves the float range."""
+    K = torch.exp(-(C - C.min(dim=1, keepdim=True).values) / eps)
     v = torch.ones_like(b)
     u = a / (K @ v)
     error, iterations = float("inf"), 0
-    for iterations in range(1, max_iter + 1):  # noqa: B007 (the count is returned)
+    for iterations in range(1, max_iter + 1):
         v = b / (K.t() @ u)
         u = a / (K @ v)
         if not (bool(torch.isfinite(u).all()) and bool(torch.isfinite(v).all())):
@@ -132,7 +136,7 @@ def _sinkhorn_log_domain(C: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps:
     f = torch.zeros_like(a)
     g = torch.zeros_like(b)
     error, iterations = float("inf"), 0
-    for iterations in range(1, max_iter + 1):  # noqa: B007 (the count is returned)
+    for iterations in range(1, max_iter + 1):
         g = eps * (log_b - torch.logsumexp((f[:, None] - C) / eps, dim=0))
         f = eps * (log_a - torch.logsumexp((g[None, :] - C) / eps, dim=1))
         if iterations % CHECK_EVERY and iterations != max_iter:
