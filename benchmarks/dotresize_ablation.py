@@ -137,6 +137,7 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--max-windows", type=int, default=40, help="held-out 512-token windows")
     parser.add_argument("--skip-models", action="store_true", help="only the layer-wise table")
+    parser.add_argument("--skip-layers", action="store_true", help="only the whole-model runs")
     parser.add_argument("--out", type=Path, default=Path("docs/results/dotresize.json"))
     args = parser.parse_args()
     results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
@@ -151,7 +152,7 @@ def main() -> None:
         calibration = calibration_windows(tokenizer, "builtin", args.nsamples, args.seqlen, seed=0)
         for ratio in (float(r) for r in args.ratios.split(",")):
             key = f"{model_name}|layers|{ratio}"
-            if key not in results:
+            if key not in results and not args.skip_layers:
                 results[key] = layer_errors(dense, calibration, ratio, epsilons, PruneConfig().percdamp)
                 save()
         if args.skip_models:

@@ -159,7 +159,7 @@ def test_cli_prunes_with_dotresize_and_the_output_evaluates(tmp_path) -> None:  
     from slimgpt.cli import main
 
     out = tmp_path / "dot"
-    assert main(["prune", "tiny-mha", "--method", "dotresize", "--ratio", "0.2", "--calib", "builtin",
+    assert main(["prune", "tiny-mha", "--method", "dotresize", "--ratio", "0.5", "--calib", "builtin",
                  "--nsamples", "4", "--seqlen", "64", "-o", str(out)]) == 0
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert reloaded(torch.arange(16).view(1, -1)).logits.isfinite().all()
