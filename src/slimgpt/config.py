@@ -15,7 +15,7 @@ from slimgpt.solver.structured import GROUP_SCHEDULES
 
 CONFIG_VERSION = 1
 METHODS = ("slimgpt", "magnitude", "wanda-sp", "flap", "llm-pruner", "slicegpt", "fasp", "prunenet", "modegpt",
-           "dynamic-slicing")
+           "dynamic-slicing", "dotresize")
 HEAD_SCORES = ("gcd", "gcd-diag", "diag")
 GQA_POLICIES = ("kv-group", "query-heads")
 SOLVERS = ("fast", "reference")
