@@ -42,7 +42,7 @@ def available_bytes(device: torch.device) -> int:
     except OSError:
         pass
     try:
-        import psutil  # type: ignore[import-untyped]
+        import psutil
     except ImportError:
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     return int(psutil.virtual_memory().available)
