@@ -16,6 +16,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from slimgpt.layerwise.capture import Activations, input_of
@@ -66,20 +67,22 @@ def propagate(layer: nn.Module, adapter: ModelAdapter, acts: Activations, attent
     """Overwrite ``acts.hidden`` with the pruned layer's outputs.
 
     ``attention=False``: it already holds the attention half's outputs. Where ``ffn_pass`` kept down_proj's
-    inputs, the output is h + down_proj(their kept channels) (``keep_channels``, the kept columns of a
-    shrunk down_proj; all of them when down_proj kept its width); else the FFN half runs.
+    inputs, the output is h + down_proj(those inputs), a shrunk down_proj's weight spread back to the full
+    width with zero columns at the removed channels (``keep_channels``: the kept ones), which is cheaper
+    than gathering the kept channels' inputs along their last dimension; else the FFN half runs.
     """
     down_proj = adapter.mlp_output(layer)
     reuse = acts.ffn_ready and not attention and acts.ffn_inner is not None
     acts.ffn_ready = False
-    columns = None
+    weight = down_proj.weight
     if reuse and acts.ffn_inner is not None and down_proj.in_features != acts.ffn_inner.shape[-1]:
         assert keep_channels is not None and len(keep_channels) == down_proj.in_features
-        columns = keep_channels.to(acts.ffn_inner.device)
+        weight = weight.new_zeros(weight.shape[0], acts.ffn_inner.shape[-1])
+        weight[:, keep_channels.to(weight.device)] = down_proj.weight
     for part, h, kw in acts.batches():
         if reuse and acts.ffn_inner is not None:
-            x = acts.ffn_inner[part] if columns is None else acts.ffn_inner[part].index_select(-1, columns)
-            acts.hidden[part] = (h + down_proj(x.to(acts.device))).to(acts.hidden.device)
+            x = acts.ffn_inner[part].to(acts.device)
+            acts.hidden[part] = (h + F.linear(x, weight, down_proj.bias)).to(acts.hidden.device)
             continue
         mid = adapter.attention_block(layer, h, kw) if attention else h
         acts.hidden[part] = adapter.mlp_block(layer, mid).to(acts.hidden.device)
