@@ -68,7 +68,7 @@ class PruneConfig(JsonConfig):
     round_to: int = 1
     device: str = "cpu"
     offload: bool = True
-    batch_size: int = 1
+    batch_size: int = 0  # calibration windows a pass; 0: chosen from the memory budget (layerwise.memory)
     taylor_samples: int = 10
     taylor_seqlen: int = 64
     version: int = CONFIG_VERSION
@@ -101,7 +101,9 @@ class PruneConfig(JsonConfig):
         choice("group_schedule", GROUP_SCHEDULES)
         choice("gqa_policy", GQA_POLICIES)
         choice("solver", SOLVERS)
-        for name in ("nsamples", "seqlen", "group_start", "group_floor", "round_to", "batch_size",
+        if int(self.batch_size) < 0:
+            raise ConfigError(f"--batch-size must be a positive integer or 0 (automatic), got {self.batch_size}")
+        for name in ("nsamples", "seqlen", "group_start", "group_floor", "round_to",
                      "taylor_samples", "taylor_seqlen"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from slimgpt.data import calibration_windows
 from slimgpt.errors import ConfigError, DataError
 from slimgpt.layerwise.capture import Activations, capture_layer_inputs
 from slimgpt.layerwise.checkpoint import Checkpoint, run_fingerprint
+from slimgpt.layerwise.memory import AUTO_BATCH, resolve_batch_size, saved_batch_size
 from slimgpt.layerwise.run import LayerHooks, LayerLoop, RunTotals, assemble_report, check_finite, run_layers
 from slimgpt.methods import LayerMethod, Method, ModelMethod, ModelRun, get_method
 from slimgpt.methods.base import LayerRun
@@ -95,8 +96,11 @@ def prune_model(
     _rerun_attention: run every layer's attention half in all three passes instead of reusing o_proj's
     inputs (the straightforward path; tests compare the two).
     """
+    adapter = get_adapter(model.config)  # unsupported families fail here
+    config = resolve_batch_size(config, model, adapter, calibration, saved_batch_size(checkpoint_dir, resume))
+    if method is not None and method.config.batch_size == AUTO_BATCH:
+        method.config = replace(method.config, batch_size=config.batch_size)
     method = method if method is not None else get_method(config)
-    get_adapter(model.config)  # unsupported families fail here
     refusal = method.cannot_stream()
     if refusal and layer_hooks is not None and layer_hooks.streams_weights:
         raise ConfigError(f"{refusal}: load it without layer streaming")

@@ -79,7 +79,8 @@ def add_prune_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--round-to", type=int, default=d.round_to, help="keep FFN widths a multiple of N")
     common.add_device(parser, default=d.device, help="compute device for the layer being pruned")
     parser.add_argument("--no-offload", action="store_true", help="keep calibration activations on --device")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, metavar="N",
+                        help="calibration windows a pass (default 0: the largest that half the free memory holds)")
     parser.add_argument("--taylor-samples", type=int, default=d.taylor_samples,
                         help="llm-pruner: calibration windows in its gradient pass (default %(default)s)")
     parser.add_argument("--taylor-seqlen", type=int, default=d.taylor_seqlen,

@@ -1,7 +1,8 @@
 """Token windows cut from a source: random calibration windows and consecutive eval windows.
 
-Nothing is cached in memory: ``datasets`` already caches downloads on disk, and a tokenized stream
-depends on the tokenizer, which has no cheap stable key.
+Nothing is cached in memory: ``datasets`` already caches downloads on disk. The token streams of the
+shipped corpora (``builtin``, ``english``) are cached on disk, keyed by the tokenizer and the text
+(slimgpt.data.token_cache).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 
 import slimgpt.corpus as corpus
 from slimgpt.data.documents import source_documents
-from slimgpt.data.sources import check_positive, check_windowing, resolve_source
+from slimgpt.data.sources import BuiltinSource, EnglishSource, Source, check_positive, check_windowing, resolve_source
+from slimgpt.data.token_cache import cached_encode
 from slimgpt.errors import DataError
 
 if TYPE_CHECKING:
@@ -64,7 +66,7 @@ def calibration_windows(
     if mode == "documents":
         return _document_windows(tokenizer, documents, source, nsamples, seqlen, generator)
 
-    stream = _encode_stream(tokenizer, documents)
+    stream = _encode_stream(tokenizer, documents, _shipped(resolved))
     needed = nsamples * seqlen
     if stream.numel() < needed:
         raise DataError(
@@ -88,7 +90,8 @@ def eval_windows(
     check_positive(seqlen=seqlen)
     if max_windows is not None:
         check_positive(max_windows=max_windows)
-    stream = _encode_stream(tokenizer, source_documents(source, resolve_source(source), "eval"))
+    resolved = resolve_source(source)
+    stream = _encode_stream(tokenizer, source_documents(source, resolved, "eval"), _shipped(resolved))
     count = stream.numel() // seqlen
     if count == 0:
         raise DataError(
@@ -107,12 +110,21 @@ def _encode(tokenizer: PreTrainedTokenizerBase, texts: str | list[str]) -> Any:
     return tokenizer(texts, add_special_tokens=False, verbose=False, return_attention_mask=False)["input_ids"]
 
 
-def _encode_stream(tokenizer: PreTrainedTokenizerBase, documents: Sequence[str]) -> torch.Tensor:
-    """The documents joined by a blank line, tokenized once: a LongTensor [tokens]."""
+def _encode_stream(tokenizer: PreTrainedTokenizerBase, documents: Sequence[str], cache: bool = False) -> torch.Tensor:
+    """The documents joined by a blank line, tokenized once: a LongTensor [tokens]; ``cache``: read and
+    write the on-disk token cache (the shipped corpora)."""
     text = corpus.DOC_SEPARATOR.join(documents)
-    stream = torch.tensor(_encode(tokenizer, text), dtype=torch.long)
-    logger.info("tokenized %d documents (%d characters) into %d tokens", len(documents), len(text), stream.numel())
+    if cache:
+        stream = cached_encode(tokenizer, text, lambda whole: _encode(tokenizer, whole))
+    else:
+        stream = torch.tensor(_encode(tokenizer, text), dtype=torch.long)
+    logger.info("%d documents (%d characters): %d tokens", len(documents), len(text), stream.numel())
     return stream
+
+
+def _shipped(resolved: Source) -> bool:
+    """Whether the source is a corpus shipped with slimgpt (its token stream is cached on disk)."""
+    return isinstance(resolved, (BuiltinSource, EnglishSource))
 
 
 def _document_windows(

@@ -6,6 +6,7 @@ inputs and the keyword arguments its forward needs) and at a hooked linear (its 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,8 +17,11 @@ from torch import nn
 
 from slimgpt.config import PruneConfig
 from slimgpt.layerwise.distributed import reduce_statistics
+from slimgpt.layerwise.memory import fits_in_memory
 from slimgpt.models.adapters import ModelAdapter
 from slimgpt.solver.hessian import InputStatistics
+
+logger = logging.getLogger(__name__)
 
 
 class _StopForward(Exception):
@@ -188,7 +192,9 @@ class Activations:
 
     hidden: [N, S, d], the current layer's inputs; the passes overwrite them with the layer's outputs.
     inner: [N, S, heads * head_dim], o_proj's inputs in the current layer (pre-norm layers only), so the
-    attention half with a new o_proj is one matmul. Allocated once and reused by every layer.
+    attention half with a new o_proj is one matmul. ffn_inner: [N, S, ffn], down_proj's inputs (pre-norm
+    layers, where they fit the memory budget), so propagation is down_proj's matmul on the kept channels'
+    inputs. Allocated once and reused by every layer.
     """
 
     hidden: torch.Tensor
@@ -196,6 +202,8 @@ class Activations:
     batch_size: int
     device: torch.device
     inner: torch.Tensor | None = None
+    ffn_inner: torch.Tensor | None = None
+    ffn_ready: bool = False  # ffn_inner holds the current layer's down_proj inputs
 
     def batches(self) -> Iterator[tuple[slice, torch.Tensor, dict[str, Any]]]:
         """(windows, layer inputs on the device, layer kwargs on the device) for each batch."""
@@ -203,6 +211,34 @@ class Activations:
 
     def keep_inner(self, part: slice, x: torch.Tensor) -> None:
         """Store o_proj's input ``x`` [B, S, heads * head_dim] of the windows ``part``."""
-        if self.inner is None or self.inner.shape[-1] != x.shape[-1] or self.inner.dtype != x.dtype:
-            self.inner = torch.empty((*self.hidden.shape[:2], x.shape[-1]), dtype=x.dtype, device=self.hidden.device)
+        self.inner = self._buffer(self.inner, x)
         self.inner[part] = x.to(self.inner.device)
+
+    def keep_ffn_inner(self, part: slice, x: torch.Tensor) -> None:
+        """Store down_proj's input ``x`` [B, S, ffn] of the windows ``part``, when the store can hold every
+        window's (decided at the first batch); ``ffn_ready`` says whether all of this layer's are kept."""
+        if part.start == 0:
+            self.ffn_ready = self._ffn_buffer(x)
+        if self.ffn_ready:
+            assert self.ffn_inner is not None
+            self.ffn_inner[part] = x.to(self.ffn_inner.device)
+
+    def _buffer(self, buffer: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """``buffer``, or a new [N, S, width] one on the store when it does not match ``x``'s width and dtype."""
+        if buffer is None or buffer.shape[-1] != x.shape[-1] or buffer.dtype != x.dtype:
+            return torch.empty((*self.hidden.shape[:2], x.shape[-1]), dtype=x.dtype, device=self.hidden.device)
+        return buffer
+
+    def _ffn_buffer(self, x: torch.Tensor) -> bool:
+        """Whether the buffer for down_proj's inputs exists or fits the store's memory budget (then made)."""
+        buffer = self.ffn_inner
+        if buffer is not None and buffer.shape[-1] == x.shape[-1] and buffer.dtype == x.dtype:
+            return True
+        self.ffn_inner = None  # the old buffer's memory counts as free
+        nbytes = self.hidden.shape[0] * self.hidden.shape[1] * x.shape[-1] * x.element_size()
+        if not fits_in_memory(nbytes, self.hidden.device):
+            logger.info("down_proj's inputs (%.2f GB) exceed the memory budget on %s: propagation runs the FFN "
+                        "half again", nbytes / 1e9, self.hidden.device)
+            return False
+        self.ffn_inner = self._buffer(None, x)
+        return True

@@ -149,7 +149,7 @@ class LayerMethod(Method):
             row.params_after = layer_params(layer)
         if run.acts is not None:
             with run.watch.stage("propagation", run.device):
-                propagate(layer, adapter, run.acts, attention=not reuse)
+                propagate(layer, adapter, run.acts, attention=not reuse, keep_channels=keep_channels)
         return row
 
     def _attention_half(self, index: int, layer: nn.Module, run: LayerRun,
