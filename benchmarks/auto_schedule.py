@@ -104,12 +104,13 @@ def main() -> None:
                 row = {"model": name, "variant": label, "ratio": ratio,
                        **run_one(dense, config, calibration, windows, tokenizer, suite, args.task_limit)}
                 rows.append(row)
+                write_atomic(args.json, json.dumps({"nsamples": args.nsamples, "seqlen": args.seqlen,
+                                                    "windows": args.windows, "task_limit": args.task_limit,
+                                                    "rows": rows}, indent=1) + "\n")  # after every row
                 print(json.dumps({k: v for k, v in row.items() if k not in ("layers", "schedule")}), flush=True)
                 if schedule is not None and row.get("layers"):
                     plot_kept_ratio(row["layers"], args.out / f"auto_schedule_kept_{name}_{ratio:.0%}_{schedule}.png",
                                     title=f"{name} {ratio:.0%}: SlimGPT {schedule}")
-        write_atomic(args.json, json.dumps({"nsamples": args.nsamples, "seqlen": args.seqlen, "windows": args.windows,
-                                            "task_limit": args.task_limit, "rows": rows}, indent=1) + "\n")
     print(table(rows))
 
 
