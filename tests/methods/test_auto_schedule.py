@@ -89,3 +89,30 @@ def test_refusals() -> None:
     with pytest.raises(ConfigError, match="auto schedule is measured"):
         plan_schedule(model_geometry(make_model("llama"), get_adapter(make_model("llama").config), "kv-group"),
                       0.3, "auto")
+
+
+def test_batched_divergences_match_one_forward_per_probe() -> None:
+    """One batched forward with per-copy hooks gives each probe the KL of its own perturbed forward."""
+    import torch.nn.functional as F
+
+    from slimgpt.methods.auto_schedule import probe_divergences
+
+    model = make_model("llama")
+    adapter = get_adapter(model.config)
+    layers = adapter.decoder_layers(model)
+    g = torch.Generator().manual_seed(0)
+    linears = [adapter.attn_output(layers[0]), adapter.mlp_output(layers[2])]
+    probes = [(linear, 0.05 * torch.randn(linear.weight.shape, generator=g)) for linear in linears]
+    windows = calibration()[:3]
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    with torch.no_grad():
+        batched = probe_divergences(model, windows, probes, vocab)
+        one_chunk_each = probe_divergences(model, windows, probes, vocab, per_chunk=1)
+        p = torch.log_softmax(model(input_ids=windows).logits.float(), -1)
+        for (linear, delta), got, alone in zip(probes, batched, one_chunk_each, strict=True):
+            handle = linear.register_forward_hook(lambda _m, a, out, d=delta: out + F.linear(a[0], d))
+            q = torch.log_softmax(model(input_ids=windows).logits.float(), -1)
+            handle.remove()
+            expected = float((p.exp() * (p - q)).sum()) / windows.numel()
+            assert expected > 0
+            assert got == pytest.approx(expected, rel=1e-3) and alone == pytest.approx(expected, rel=1e-3)

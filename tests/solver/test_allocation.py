@@ -98,3 +98,28 @@ def test_allocate_takes_hull_steps_over_non_convex_curves() -> None:
 def test_allocate_is_deterministic_on_ties() -> None:
     options = [Option(list(range(5)), [0.1 * c for c in range(5)], 3) for _ in range(4)]
     assert allocate(options, 21) == allocate(options, 21)
+
+
+@pytest.mark.parametrize("compensate", [True, False])
+def test_curves_are_the_solver_weights_error_with_buckets_and_without_compensation(compensate: bool) -> None:
+    """The running error (products with H[:, P] only) is tr(D H D^T) of the solver's weight after each step,
+    for joint rounds of several buckets and for plain dropping as well as with OBS compensation."""
+    layer = _layer(seed=3)
+    layer = Layer(layer.weight, layer.hessian, layer.raw_hessian, compensate=compensate)
+    units, buckets = torch.arange(16).view(8, 2), [[0, 1, 2, 3], [4, 5, 6, 7]]
+    curve = unit_cost_curve(layer, units, 3, buckets, "gcd")
+    energy = float(torch.einsum("ij,jk,ik->", layer.weight, layer.hessian, layer.weight))
+    for rounds in (1, 2, 3):
+        solver = make_solver("fast", layer.weight, layer.hessian, compensate)
+        greedy_remove_units(solver, units, rounds, buckets)
+        delta = solver.weight - layer.weight
+        expected = float(torch.einsum("ij,jk,ik->", delta, layer.hessian, delta)) / energy
+        assert curve.costs[rounds] == pytest.approx(expected, rel=1e-6)
+    channels = channel_cost_curve(layer, [0, 2, 5, 9])
+    solver = make_solver("fast", layer.weight, layer.hessian, compensate)
+    from slimgpt.solver.structured import remove_channels
+
+    remove_channels(solver, [2, 3, 4])
+    delta = solver.weight - layer.weight
+    expected = float(torch.einsum("ij,jk,ik->", delta, layer.hessian, delta)) / energy
+    assert channels.costs[-1] == pytest.approx(expected, rel=1e-6)

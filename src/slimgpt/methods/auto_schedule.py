@@ -48,6 +48,7 @@ from slimgpt.solver.schedule import AUTO, LayerGeometry, LayerPlan, SchedulePlan
 
 CHANNEL_STEPS = 16  # points of each FFN cost curve
 SENSITIVITY_TOKENS = 1024  # calibration tokens of the sensitivity forwards
+LOGIT_BUDGET = 1 << 27  # logits (floats) of one batched sensitivity forward
 REACH = (2.5, 0.15)  # curves reach a fraction min(1, 2.5 ratio + 0.15) of each module's units
 STREAM_REFUSAL = ("--schedule auto measures every layer of the dense model before pruning any, which needs the "
                   "whole model in memory")
@@ -83,45 +84,71 @@ def _on_cpu(curve: CostCurve) -> CostCurve:
     return CostCurve(curve.counts, curve.costs, probe, curve.probe_count)
 
 
-def _forward_log_probs(model: nn.Module, windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+def _forward_log_probs(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     device = next(model.parameters()).device
-    return [torch.log_softmax(model(input_ids=windows[s:s + batch_size].to(device), use_cache=False).logits.float(),
-                              -1).cpu() for s in range(0, len(windows), batch_size)]
+    return torch.log_softmax(model(input_ids=batch.to(device), use_cache=False).logits.float(), -1).cpu()
 
 
-def _divergence(model: nn.Module, windows: torch.Tensor, batch_size: int, reference: list[torch.Tensor],
-                linear: nn.Linear, delta: torch.Tensor) -> float:
-    """Mean KL(dense || model with ``linear``'s weight changed by ``delta``) per token."""
-    delta = delta.to(linear.weight.device, linear.weight.dtype)
+Probe = tuple[nn.Linear, torch.Tensor]  # a module and the change of its weight
 
-    def perturb(_module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        return output + F.linear(args[0], delta)
 
-    handle = linear.register_forward_hook(perturb)
-    try:
-        perturbed = _forward_log_probs(model, windows, batch_size)
-    finally:
-        handle.remove()
-    total = sum(float((p.exp() * (p - q)).sum()) for p, q in zip(reference, perturbed, strict=True))
-    return total / (windows.shape[0] * windows.shape[1])
+def probe_divergences(model: nn.Module, windows: torch.Tensor, probes: list[Probe], vocab: int,
+                      per_chunk: int | None = None) -> list[float]:
+    """Mean KL(dense || model with one probe's weight change) per token, for every probe.
+
+    One batched forward per chunk of probes: the windows repeated once per probe, and forward hooks that
+    add each probe's change only to its own copy's rows, so a module's change never reaches another copy.
+    The dense reference is one more copy (of the first chunk). Chunks keep the logits within
+    ``LOGIT_BUDGET`` floats (or hold ``per_chunk`` probes).
+    """
+    n, tokens = len(windows), windows.numel()
+    per_chunk = per_chunk or max(1, LOGIT_BUDGET // max(1, tokens * vocab) - 1)
+    reference: torch.Tensor | None = None
+    result: list[float] = []
+    for start in range(0, len(probes), per_chunk):
+        chunk = probes[start:start + per_chunk]
+        offset = 1 if reference is None else 0  # copy 0 of the first chunk is the dense model
+        handles = []
+        for c, (linear, delta) in enumerate(chunk, start=offset):
+            rows = slice(c * n, (c + 1) * n)
+            change = delta.to(linear.weight.device, linear.weight.dtype)
+
+            def perturb(_module: nn.Module, args: tuple[Any, ...], output: torch.Tensor,
+                        rows: slice = rows, change: torch.Tensor = change) -> None:
+                output[rows] += F.linear(args[0][rows], change)
+
+            handles.append(linear.register_forward_hook(perturb))
+        try:
+            log_probs = _forward_log_probs(model, windows.repeat(len(chunk) + offset, 1))
+        finally:
+            for handle in handles:
+                handle.remove()
+        if reference is None:
+            reference = log_probs[:n]
+        p = reference.exp()
+        for c in range(offset, len(chunk) + offset):
+            result.append(float((p * (reference - log_probs[c * n:(c + 1) * n])).sum()) / tokens)
+    return result
 
 
 def _sensitivities(model: nn.Module, adapter: ModelAdapter, calibration: torch.Tensor, config: PruneConfig,
                    curves: list[tuple[CostCurve, CostCurve]]) -> tuple[list[list[float]], int]:
     """Per layer, [attention, FFN] output divergence per unit of relative layer-wise error; the windows used."""
     windows = calibration[:max(1, SENSITIVITY_TOKENS // calibration.shape[1])].long()
-    reference = _forward_log_probs(model, windows, config.batch_size)
-    weights = []
-    for layer, pair in zip(adapter.decoder_layers(model), curves, strict=True):
-        row = []
-        for linear, curve in zip((adapter.attn_output(layer), adapter.mlp_output(layer)), pair, strict=True):
+    probes: list[Probe] = []
+    where: list[tuple[int, int, float]] = []  # (layer, module, cost at the probe) of each probe
+    for index, (layer, pair) in enumerate(zip(adapter.decoder_layers(model), curves, strict=True)):
+        for m, (linear, curve) in enumerate(zip((adapter.attn_output(layer), adapter.mlp_output(layer)), pair,
+                                                strict=True)):
             cost = curve.costs[curve.counts.index(curve.probe_count)] if curve.probe is not None else 0.0
-            if curve.probe is None or cost <= 0:
-                row.append(0.0)
-                continue
-            kl = _divergence(model, windows, config.batch_size, reference, linear, curve.probe)
-            row.append(max(kl, 0.0) / cost)
-        weights.append(row)
+            if curve.probe is not None and cost > 0:
+                probes.append((linear, curve.probe))
+                where.append((index, m, cost))
+    weights = [[0.0, 0.0] for _ in curves]
+    if probes:
+        vocab = int(model.get_output_embeddings().weight.shape[0])  # type: ignore[operator]
+        for (index, m, cost), kl in zip(where, probe_divergences(model, windows, probes, vocab), strict=True):
+            weights[index][m] = max(kl, 0.0) / cost
     return weights, len(windows)
 
 

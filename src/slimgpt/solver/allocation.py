@@ -2,10 +2,11 @@
 
 A cost curve lists, for one layer's attention (o_proj) or FFN (down_proj), the OBS cost of removing the
 first k units along one greedy path: the same grouped-Cholesky rounds (heads) or cheapest-column rounds
-(channels) that SlimGPT's solver runs, on the dense layer's Hessian. The cost of a round is the exact group
-cost tr(W_P Hinv_PP^-1 W_P^T) before the round (slimgpt.solver.obs.group_cost); with compensation the sum
-of the rounds' costs is the layer-wise squared error of the compensated weight. Curves are normalised by
-the dense output energy tr(W H W^T), so they read as relative output error.
+(channels) that SlimGPT's solver runs, on the dense layer's Hessian. The cost after a round is the
+layer-wise squared error tr(D H D^T) of the solver's weight (D = W - W_dense), grown round by round from
+products with H[:, P] only (with compensation this is the sum of the rounds' exact OBS group costs
+tr(W_P Hinv_PP^-1 W_P^T)). Curves are normalised by the dense output energy tr(W H W^T), so they read as
+relative output error.
 
 ``allocate`` then chooses one count per curve: the lower convex hull of each curve (parameters removed
 against weighted cost), all hulls' segments taken cheapest cost per parameter first, each curve's segments
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from slimgpt.errors import ConfigError
-from slimgpt.solver.obs import group_cost, group_scores, make_solver
+from slimgpt.solver.obs import make_solver
 from slimgpt.solver.structured import remove_channels
 
 
@@ -54,28 +55,52 @@ class Layer:
     compensate: bool = True
 
 
+class _ErrorTracker:
+    """The layer-wise squared error tr(D H D^T), D = W - W_dense, kept up to date round by round.
+
+    A round changes W by dW, zero on the columns already gone, and removes the columns P. With OBS
+    compensation the compensated weight is optimal on the survivors both before and after the round
+    ((D H)[:, survivors] = 0), so the error grows by tr(dW H dW^T) = sum((dW H[:, P]) * dW[:, P]);
+    without compensation dW is -W on P only and the error grows by tr((dW + 2 D) H dW^T), again a product
+    with H[:, P] only. A round costs O(d_out d |P|), like the solver's own update, and no inverse is formed.
+    """
+
+    def __init__(self, layer: Layer) -> None:
+        self.dense, self.hessian, self.compensate = layer.weight, layer.hessian, layer.compensate
+        self.delta = torch.zeros_like(layer.weight)
+        self.error = 0.0
+
+    def step(self, weight: torch.Tensor, columns: torch.Tensor) -> float:
+        """Account for the round that brought the solver's weight to ``weight`` by removing ``columns``."""
+        delta = weight - self.dense
+        change = delta - self.delta
+        lhs = change if self.compensate else change + 2 * self.delta
+        self.error += float(((lhs @ self.hessian[:, columns].to(lhs.dtype)) * change[:, columns]).sum())
+        self.delta = delta
+        return self.error
+
+
 def unit_cost_curve(layer: Layer, units: torch.Tensor, rounds: int, buckets: list[list[int]] | None,
                     score: str, probe_round: int = 0) -> CostCurve:
     """Cost after each of ``rounds`` greedy head rounds (each removes the cheapest unit of each bucket).
 
-    The rounds choose exactly as slimgpt.solver.structured.greedy_remove_units does (same scores, same
-    ties); each round's cost is the joint group cost of the units it removes. probe_round: keep the
-    weight change after that many rounds (0: none).
+    The rounds choose exactly as slimgpt.solver.structured.greedy_remove_units does (the solver's own
+    unit scores, same ties); each round's cost is the growth of the layer-wise error (``_ErrorTracker``).
+    probe_round: keep the weight change after that many rounds (0: none).
     """
     energy = _energy(layer.weight, layer.raw_hessian)
     buckets = buckets if buckets is not None else [list(range(len(units)))]
     solver = make_solver(layer.solver, layer.weight, layer.hessian, layer.compensate)
+    tracker = _ErrorTracker(layer)
     alive = torch.ones(len(units), dtype=torch.bool)
-    costs, total, probe = [0.0], 0.0, None
+    costs, probe = [0.0], None
     for r in range(rounds):
-        scores = group_scores(solver.weight, solver.inverse(), units, score).cpu()
-        scores[~alive] = math.inf
+        scores = solver.unit_scores(units, alive, score)
         chosen = [bucket[int(scores[bucket].argmin())] for bucket in buckets]
         columns = units[chosen].flatten().to(layer.weight.device)
-        total += group_cost(solver.weight, solver.inverse(), columns)
         solver.remove(columns)
         alive[chosen] = False
-        costs.append(total / energy)
+        costs.append(tracker.step(solver.weight, columns) / energy)
         if r + 1 == probe_round:
             probe = solver.weight - layer.weight
     return CostCurve(list(range(rounds + 1)), costs, probe, probe_round if probe is not None else 0)
@@ -89,13 +114,12 @@ def channel_cost_curve(layer: Layer, counts: list[int], probe_count: int = 0) ->
     """
     energy = _energy(layer.weight, layer.raw_hessian)
     solver = make_solver(layer.solver, layer.weight, layer.hessian, layer.compensate)
-    costs, total, probe = [0.0], 0.0, None
+    tracker = _ErrorTracker(layer)
+    costs, probe = [0.0], None
     for previous, count in itertools.pairwise(counts):
-        before = solver.pruned.clone()
-        weight, inverse = solver.weight.clone(), solver.inverse().clone()
-        remove_channels(solver, [count - previous])
-        total += group_cost(weight, inverse, (solver.pruned & ~before).nonzero().flatten())
-        costs.append(total / energy)
+        columns = torch.tensor(remove_channels(solver, [count - previous]), dtype=torch.long,
+                               device=layer.weight.device)
+        costs.append(tracker.step(solver.weight, columns) / energy)
         if count == probe_count:
             probe = solver.weight - layer.weight
     return CostCurve(list(counts), costs, probe, probe_count if probe is not None else 0)
