@@ -51,6 +51,10 @@ def check_source(args: argparse.Namespace) -> Path:
         raise ConfigError(f"{source} was pruned by --method modegpt (per-layer q/k and v head dims, a RoPE index), "
                           "which no export format describes: load it with slimgpt (`import slimgpt`, then "
                           "from_pretrained)")
+    if config_path.exists() and json.loads(config_path.read_text()).get("disp_index"):
+        raise ConfigError(f"{source} was pruned by --method disp-llm (per-block gather/scatter indices of the residual "
+                          "stream), which no export format describes: load it with slimgpt (`import slimgpt`, then "
+                          "from_pretrained)")
     if config_path.exists() and json.loads(config_path.read_text()).get("slice_dims"):
         report_path = source / "slimgpt_report.json"
         method = json.loads(report_path.read_text()).get("method", "slicegpt") if report_path.exists() else "slicegpt"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from slimgpt.config import PruneConfig
 from slimgpt.methods import (
+    disp_llm,
     dynamic_slicing,
     fasp,
     flap,
@@ -19,7 +20,7 @@ from slimgpt.methods.base import METHODS, Decision, LayerMethod, Method, ModelMe
 
 __all__ = ["METHODS", "Decision", "LayerMethod", "Method", "ModelMethod", "ModelRun", "PruneJob", "get_method",
            "register"]
-_MODULES = (dynamic_slicing, fasp, flap, llm_pruner, magnitude, modegpt, prunenet, slicegpt, slimgpt,
+_MODULES = (disp_llm, dynamic_slicing, fasp, flap, llm_pruner, magnitude, modegpt, prunenet, slicegpt, slimgpt,
             wanda_sp)  # registered on import
 
 
