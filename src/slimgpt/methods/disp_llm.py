@@ -81,6 +81,11 @@ class DispLLMMethod(ModelMethod):
         self.final_mask, self.epochs, self.save_every = final_mask, epochs, save_every
         self.stop_after_step = stop_after_step
         self.train_options = train  # lr, penalty, temperature, offset (TrainSettings)
+        try:
+            TrainSettings(steps=0, batch_size=1, seed=0, **train)
+        except TypeError:
+            raise ConfigError(f"unknown disp-llm training options {sorted(train)}: use lr, penalty, temperature, "
+                              "offset") from None
         self.final: FinalSets | None = None
         self.log: list[dict[str, float]] = []
         self.hypernetwork: nn.Module | None = None
