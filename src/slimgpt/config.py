@@ -15,7 +15,7 @@ from slimgpt.solver.structured import GROUP_SCHEDULES
 
 CONFIG_VERSION = 1
 METHODS = ("slimgpt", "magnitude", "wanda-sp", "flap", "llm-pruner", "slicegpt", "fasp", "prunenet", "modegpt",
-           "dynamic-slicing", "dotresize")
+           "dynamic-slicing", "dotresize", "disp-llm")
 HEAD_SCORES = ("gcd", "gcd-diag", "diag")
 GQA_POLICIES = ("kv-group", "query-heads")
 SOLVERS = ("fast", "reference")
@@ -39,7 +39,8 @@ class PruneConfig(JsonConfig):
         "wanda-sp", "flap", "llm-pruner"; "slicegpt", which narrows the hidden width instead of removing
         heads / channels; the peers "fasp" (Wanda-style scores with a least-squares restoration),
         "prunenet" (a calibration-free policy, uniform FFN width), "modegpt" (keeps every head and
-        shrinks their dims) and "dynamic-slicing" (SliceGPT with a width per layer).
+        shrinks their dims), "dynamic-slicing" (SliceGPT with a width per layer) and "disp-llm" (learned
+        per-block residual index sets).
     taylor_samples / taylor_seqlen: LLM-Pruner's gradient pass uses the first ``taylor_samples``
         calibration windows cut to ``taylor_seqlen`` tokens (the authors: 10 samples of 64 tokens).
     device: where the layer being pruned runs; offload: keep calibration activations on the CPU.

@@ -57,6 +57,8 @@ class PruneReport:
     # The model card's text about the method (from the method itself: slimgpt.methods).
     method_summary: str = ""
     method_options: str = ""
+    # Extra files a method writes beside the report (name -> text; DISP-LLM's loss log); not in the JSON.
+    artifacts: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def realised_ratio(self) -> float:
@@ -69,6 +71,7 @@ class PruneReport:
 
     def to_dict(self, with_indices: bool = False) -> dict[str, Any]:
         data = asdict(self)
+        data.pop("artifacts")
         data["realised_ratio"] = self.realised_ratio
         data["realised_total_ratio"] = self.realised_total_ratio
         if not with_indices:

@@ -98,6 +98,8 @@ def save_pruned(model: Any, tokenizer: Any, report: PruneReport, output: str | P
             tokenizer.save_pretrained(directory)
         (directory / "slimgpt_report.json").write_text(report.to_json(with_indices=True))
         (directory / "README.md").write_text(model_card(report))
+        for name, text in report.artifacts.items():  # a method's extra files (DISP-LLM's loss log)
+            (directory / name).write_text(text)
 
     return write_atomic_dir(output, fill, overwrite)
 

@@ -24,6 +24,12 @@ FORMAT_HELP = """formats (all opt-in; a saved folder itself never contains code)
                 loads it, and so does slimgpt.export.bitsback.load_bits_back
 """
 
+# config keys of saved formats that only slimgpt loads: the method and the structure no export describes
+UNEXPORTABLE = {
+    "qk_dims": ("modegpt", "per-layer q/k and v head dims, a RoPE index"),
+    "disp_index": ("disp-llm", "per-block gather/scatter indices of the residual stream"),
+}
+
 
 def register(subparsers: common.Subparsers) -> None:
     parser = subparsers.add_parser(
@@ -54,13 +60,14 @@ def check_source(args: argparse.Namespace) -> Path:
     if not source.is_dir():
         raise ConfigError(f"{source} is not a folder: pass the folder written by `slimgpt prune`")
     config_path = source / "config.json"
-    if config_path.exists() and json.loads(config_path.read_text()).get("qk_dims"):
-        raise ConfigError(f"{source} was pruned by --method modegpt (per-layer q/k and v head dims, a RoPE index), "
-                          "which no export format describes: load it with slimgpt (`import slimgpt`, then "
-                          "from_pretrained)")
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    for key, (method, structure) in UNEXPORTABLE.items():
+        if config.get(key):
+            raise ConfigError(f"{source} was pruned by --method {method} ({structure}), which no export format "
+                              "describes: load it with slimgpt (`import slimgpt`, then from_pretrained)")
     if args.export_format == "bits-back":
         return check_bits_back_source(args, source)
-    if config_path.exists() and json.loads(config_path.read_text()).get("slice_dims"):
+    if config.get("slice_dims"):
         report_path = source / "slimgpt_report.json"
         method = json.loads(report_path.read_text()).get("method", "slicegpt") if report_path.exists() else "slicegpt"
         raise ConfigError(f"{source} was sliced by --method {method} (shortcut matrices between layers), which no "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from slimgpt.config import PruneConfig
 from slimgpt.methods import (
+    disp_llm,
     dotresize,
     dynamic_slicing,
     fasp,
@@ -20,8 +21,8 @@ from slimgpt.methods.base import METHODS, Decision, LayerMethod, Method, ModelMe
 
 __all__ = ["METHODS", "Decision", "LayerMethod", "Method", "ModelMethod", "ModelRun", "PruneJob", "get_method",
            "register"]
-_MODULES = (dotresize, dynamic_slicing, fasp, flap, llm_pruner, magnitude, modegpt, prunenet, slicegpt, slimgpt,
-            wanda_sp)  # registered on import
+_MODULES = (disp_llm, dotresize, dynamic_slicing, fasp, flap, llm_pruner, magnitude, modegpt, prunenet, slicegpt,
+            slimgpt, wanda_sp)  # registered on import
 
 
 def get_method(config: PruneConfig) -> Method:

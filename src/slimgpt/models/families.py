@@ -111,8 +111,9 @@ FAMILIES: dict[str, Family] = {
 
 
 def base_model_type(model_type: str) -> str:
-    """The family of a model type: ``slimgpt_<type>`` and ``slimgpt_modegpt_<type>`` map to ``<type>``."""
-    return model_type.removeprefix("slimgpt_").removeprefix("modegpt_")
+    """The family of a model type: ``slimgpt_<type>``, ``slimgpt_modegpt_<type>`` and ``slimgpt_disp_<type>`` map
+    to ``<type>``."""
+    return model_type.removeprefix("slimgpt_").removeprefix("modegpt_").removeprefix("disp_")
 
 
 def family_row(model_type: str) -> Family:
