@@ -70,9 +70,9 @@ def test_distributed_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
     from slimgpt.methods import get_method
     from slimgpt.prune import cannot_distribute
 
-    for name in ("slicegpt", "dynamic-slicing", "modegpt", "llm-pruner"):
+    for name in ("slicegpt", "dynamic-slicing", "modegpt", "llm-pruner", "disp-llm"):
         assert name in cannot_distribute(get_method(PruneConfig(method=name)))
-    for name in ("slimgpt", "wanda-sp", "flap", "fasp", "magnitude", "prunenet"):
+    for name in ("slimgpt", "wanda-sp", "flap", "fasp", "magnitude", "prunenet", "dotresize"):
         assert cannot_distribute(get_method(PruneConfig(method=name))) == ""
     monkeypatch.setattr(distributed, "_GROUP", distributed.Group(0, 4, torch.device("cpu")))
     with pytest.raises(DataError, match="--nsamples 4"):
