@@ -29,7 +29,7 @@ from slimgpt.errors import ConfigError, DataError
 from slimgpt.layerwise.capture import Activations, capture_layer_inputs
 from slimgpt.layerwise.checkpoint import Checkpoint, run_fingerprint
 from slimgpt.layerwise.run import LayerHooks, LayerLoop, RunTotals, assemble_report, check_finite, run_layers
-from slimgpt.methods import LayerMethod, Method, ModelMethod, ModelRun, get_method
+from slimgpt.methods import METHODS, LayerMethod, Method, ModelMethod, ModelRun, get_method
 from slimgpt.methods.base import LayerRun
 from slimgpt.models.adapters import LayerSizes, ModelAdapter
 from slimgpt.models.families import family_row, get_adapter
@@ -93,7 +93,7 @@ def prune_model(
     _rerun_attention: run every layer's attention half in all three passes instead of reusing o_proj's
     inputs (the straightforward path; tests compare the two).
     """
-    method = method if method is not None else get_method(config)
+    method = method if method is not None else configured_method(config)
     get_adapter(model.config)  # unsupported families fail here
     refusal = method.cannot_stream()
     if refusal and layer_hooks is not None and layer_hooks.streams_weights:
@@ -110,6 +110,16 @@ def prune_model(
     report.method_summary = method.summary
     report.method_options = method.card_options(report.config)
     return report
+
+
+def configured_method(config: PruneConfig) -> Method:
+    """``config.method``'s registered method, given the options only it reads (``spread``, ``eps``)."""
+    options: dict[str, float] = {}
+    if config.spread is not None:
+        options["spread"] = config.spread
+    if config.eps is not None:
+        options["smoothing"] = config.eps
+    return METHODS[config.method](config, **options) if options else get_method(config)
 
 
 def resolve_calibration(config: PruneConfig, calibration: torch.Tensor | None, tokenizer: Any) -> torch.Tensor:
