@@ -169,6 +169,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
     parser.add_argument("--force", action="store_true", help="recompute rows that are already in the JSON")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--render-only", action="store_true",
+                        help="run no row and leave the JSON alone: rewrite the Markdown and figures from the rows "
+                             "measured so far (safe while another invocation is still filling the JSON)")
     return parser.parse_args(argv)
 
 
@@ -218,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     todo = [s for s in specs if args.force
             or results.valid(s, digests[s.model], prints[s.model], s.key in plan.tasks) is None]
     print_header(args, options, plan, len(specs), len(todo))
+    if args.render_only:
+        todo = []
     failures = run_rows(todo, plan, options, results, args.quick)
 
     wall, cpu = time.perf_counter() - run_start, time.process_time() - cpu_start
@@ -229,11 +234,15 @@ def main(argv: Sequence[str] | None = None) -> int:
            "failures": [f"{key}: {error}" for key, error in failures.items()],
            "settings": {m: prints[m] for m in models}, "options": options.to_dict(),
            "machine": machine(args.threads), "load_average": os.getloadavg(), "versions": library_versions()}
-    results.data["runs"] = [*results.data.get("runs", []), run]  # a resumed table was built by several runs
-    results.data["claims"] = [asdict(claim) for claim in claims]
-    results.save()
+    runs = [*results.data.get("runs", []), run]  # a resumed table was built by several runs
+    if args.render_only:  # the last real invocation describes the rows (this one ran none)
+        runs = results.data.get("runs") or [run]
+    if not args.render_only:
+        results.data["runs"] = runs
+        results.data["claims"] = [asdict(claim) for claim in claims]
+        results.save()
     figures = draw_figures(tables, plan, options, args.out, stem)
-    markdown = render(tables, plan, options, claims, figures, results.data["runs"], args.out, failures)
+    markdown = render(tables, plan, options, claims, figures, runs, args.out, failures)
     write_atomic(args.out / f"{stem}.md", markdown)
     print(f"\n{len(todo) - len(failures)} rows run in {wall / 60:.1f} min (cpu {cpu / 60:.1f} min); "
           f"wrote {args.out / (stem + '.md')} and {results.path}")

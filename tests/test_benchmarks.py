@@ -241,6 +241,12 @@ def test_paper_tables_quick_runs_end_to_end_and_resumes(
     lost = f"{tiny_model}|magnitude|0.50|calib=builtin|n=16|s=128|"
     del data["rows"][lost]
     (out / "paper_tables_quick.json").write_text(json.dumps(data))
+    # --render-only (while another invocation fills the JSON) runs nothing and writes no JSON.
+    before = (out / "paper_tables_quick.json").read_text()
+    assert paper_tables.main([*argv, "--render-only"]) == 0
+    assert (out / "paper_tables_quick.json").read_text() == before
+    assert "1 planned row(s) are not measured yet" in (out / "paper_tables_quick.md").read_text()
+    capsys.readouterr()
     assert paper_tables.main(argv) == 0
     assert "CPU time budget: 1 of 5 rows" in capsys.readouterr().out
     again = json.loads((out / "paper_tables_quick.json").read_text())["rows"]
