@@ -164,8 +164,9 @@ def _versus(tables: Tables, options: Options, model: str, ratio: float, others: 
     measured = {m: v for m, v in values.items() if v is not None}
     ok = None if ours is None or not measured else all(ours < v for v in measured.values())
     missing = sorted(set(others) - set(measured))
-    evidence = f"SlimGPT {_num(ours)}; " + ", ".join(f"{method_label(m)} {_num(v)}" for m, v in measured.items())
-    evidence += f"; not measured: {', '.join(missing)}" if missing else ""
+    pieces = [f"SlimGPT {_num(ours)}", ", ".join(f"{method_label(m)} {_num(v)}" for m, v in measured.items()),
+              f"not measured: {', '.join(missing)}" if missing else ""]
+    evidence = "; ".join(piece for piece in pieces if piece)
     return Claim(f"{model_label(model)} {100 * ratio:.0f}%: {claim}", _verdict(ok), evidence)
 
 

@@ -46,12 +46,15 @@ a machine shared with other benchmarks), plus ~3 minutes of tokenizing calibrati
 training split, seed 0. Evaluation: 160 128-token and 40 512-token windows spread evenly over the
 held-out split, and the first 100 items of each task.
 
-Budget, SmolLM2-135M (english protocol), sized for about 2.5 h on 2 quiet cores for Table 1 at 20% and
-50% with every method; the later tables follow in the order above and a rerun resumes them. Calibration:
-32 windows of 256 tokens of the English calibration chapters, seed 0. Evaluation: 100 128-token and 25
-512-token windows spread evenly over the eval chapters; zero-shot on the first 100 items of each English
-task for Table 1's rows only (the ablation tables are judged on perplexity, as their claims are). The
-measured wall times are in docs/results/smollm2.md.
+Budget, SmolLM2-135M (english protocol): 54 rows, Table 1 at 20% and 50% (23 rows with dense) first.
+Calibration: 32 windows of 256 tokens of the English calibration chapters, seed 0. Evaluation: 100
+128-token and 25 512-token windows spread evenly over the eval chapters; zero-shot on the first 100
+items of each English task for Table 1's rows only (the ablation tables are judged on perplexity, as
+their claims are). Measured: the dense row costs 720 CPU-seconds (55 min of wall time at load 33 on 2
+cores), most of it the 800 zero-shot requests, i.e. about 8-10 minutes per Table 1 row on 2 idle cores:
+about 4 h for Table 1 at 20% and 50% and 6-7 h for all rows, more than the 2.5 h it was meant to fit.
+Zero-shot ``--limit 50`` with 64 + 16 perplexity windows would fit Table 1 at 20% and 50% into ~2.5 h
+at half the resolution (docs/results/smollm2.md).
 """
 
 from __future__ import annotations
@@ -303,10 +306,11 @@ def machine(threads: int) -> dict[str, Any]:
 
 def print_header(args: argparse.Namespace, options: Options, plan: Plan, n_rows: int, n_todo: int) -> None:
     # Measured with 2 threads: a tiny-model row ~30 s of wall time on average; a SmolLM2 Table 1 row
-    # 4-8 min on a loaded machine (see docs/results/smollm2.md).
+    # about 12 CPU-minutes (docs/results/smollm2.md).
     print(f"SlimGPT paper tables on {', '.join(options.models)}: tables {','.join(options.tables)}")
-    print(f"CPU time budget: {n_todo} of {n_rows} rows to run (the rest cached) on {args.threads} threads; "
-          "tiny models ~30 s/row (70 rows, 35-45 min for both), smollm2-135m ~3-6 min/row on quiet cores.")
+    todo = "none (--render-only)" if args.render_only else f"{n_todo} of {n_rows} rows to run (the rest cached)"
+    print(f"CPU time budget: {todo} on {args.threads} threads; tiny models ~30 s/row (70 rows, 35-45 min for "
+          "both), smollm2-135m ~8-10 min per Table 1 row on 2 quiet cores, ~55 min at load 30.")
     for model in options.protocols:
         protocol = options.protocol(model)
         calib, nsamples, seqlen = options.calibration(model)
