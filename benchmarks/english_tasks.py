@@ -7,19 +7,25 @@ items from the eval chapters of the shipped World English Bible (never from a ca
 - ``english-lastword``: LAMBADA-style. A passage of 30-150 words ending in a sentence whose last word
   is cut off; as in LAMBADA the word also occurs earlier in the passage, so the passage, not the last
   sentence alone, is the clue. slimgpt's harness scores multiple-choice tasks (acc / acc_norm), so the
-  word is chosen among 4: the true one and 3 other words of the same passage (4+ letters, capitalised
-  like it, no function words such as "with" or "them"), so every choice is plausible vocabulary and
-  only reading the passage tells them apart.
+  word is chosen among 4: the true one and 3 distractors that grammar alone cannot rule out. Each
+  distractor is a word of the same passage (else of the same chapter) that (a) is capitalised like the
+  answer, has 4+ letters and is no function word ("with", "them"), (b) is attested in the whole corpus
+  right after the word (or punctuation mark) that precedes the gap ("basins of gold" licenses "of temple"
+  only if "of temple" occurs somewhere), and (c) is the nearest in corpus frequency to the answer among
+  those. So every choice is passage vocabulary that fits the slot's syntax, and only the meaning of the
+  passage tells them apart. (The first version took any 3 other words of the passage; SmolLM2-135M
+  scored 93% on it, near the ceiling.)
   No word is the answer of more than ``MAX_WORD_SHARE`` of the items (``Yahweh`` would otherwise be a
   fifth of them). Chance 25%.
 - ``english-continuation``: a passage of 2+ sentences (30-120 words) and 4 candidate next sentences:
   the true one and 3 of similar length (within 25% in characters) from other eval chapters of the same
   book where it has enough, else of any book. Chance 25%.
 
-No chapter gives more than ``PER_CHAPTER`` items of a task; items are in a seeded random order, so
-lm-eval's ``--limit N`` (the first N items) is a fair sample. Everything is seeded: the same corpus
-gives byte-identical files. lm-eval needs absolute ``data_files`` paths, so the YAMLs are written at run
-time (``write_task_yamls``; ``--yamls DIR`` below) into a folder to pass as ``slimgpt eval --tasks-dir``.
+No chapter gives more than ``PER_CHAPTER`` items of a task (``LASTWORD_PER_CHAPTER`` for lastword);
+items are in a seeded random order, so lm-eval's ``--limit N`` (the first N items) is a fair sample.
+Everything is seeded: the same corpus gives byte-identical files. lm-eval needs absolute ``data_files``
+paths, so the YAMLs are written at run time (``write_task_yamls``; ``--yamls DIR`` below) into a folder
+to pass as ``slimgpt eval --tasks-dir``.
 
     python benchmarks/english_tasks.py               # rewrite benchmarks/tasks_english/*.jsonl
     python benchmarks/english_tasks.py --check       # fail if the committed files differ from a fresh build
@@ -29,12 +35,15 @@ time (``write_task_yamls``; ``--yamls DIR`` below) into a folder to pass as ``sl
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import random
 import re
 import sys
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +58,7 @@ CHANCE_NOTE = {"english-lastword": "25%", "english-continuation": "25%"}
 DEFAULT_ITEMS = 400
 SEED = 4321
 PER_CHAPTER = 3
+LASTWORD_PER_CHAPTER = 4  # fewer passages have 3 words that fit the slot
 MAX_WORD_SHARE = 0.02
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'A-Z(])|(?<=[.!?][\"'])\s+(?=[\"'A-Z(])")
 _LAST_WORD = re.compile(r"^(.*\S)\s+([A-Za-z]{4,})([.!?,;:\"')]*)$", re.DOTALL)
@@ -61,7 +71,6 @@ FUNCTION_WORDS = frozenset((
     "they", "this", "those", "through", "unto", "upon", "very", "were", "what", "when", "where", "which", "while",
     "will", "with", "would", "your", "yours"
 ))
-
 
 
 def sentences(text: str) -> list[str]:
@@ -84,8 +93,8 @@ def _passage(parts: list[str], end: int, low: int, high: int) -> str | None:
 
 
 def _take(candidates: list[dict[str, Any]], n_items: int, rng: random.Random, key: str | None = None,
-          key_cap: int | None = None) -> list[dict[str, Any]]:
-    """``n_items`` candidates in seeded order, at most ``PER_CHAPTER`` per chapter (and ``key_cap`` per ``key``)."""
+          key_cap: int | None = None, per_chapter_cap: int = PER_CHAPTER) -> list[dict[str, Any]]:
+    """``n_items`` candidates in seeded order, at most ``per_chapter_cap`` per chapter (and ``key_cap`` per ``key``)."""
     order = list(candidates)
     rng.shuffle(order)
     per_chapter: dict[str, int] = {}
@@ -93,7 +102,7 @@ def _take(candidates: list[dict[str, Any]], n_items: int, rng: random.Random, ke
     taken = []
     for item in order:
         value = str(item.get(key, "")).lower() if key else ""
-        if per_chapter.get(item["source"], 0) >= PER_CHAPTER or (key_cap and per_key.get(value, 0) >= key_cap):
+        if per_chapter.get(item["source"], 0) >= per_chapter_cap or (key_cap and per_key.get(value, 0) >= key_cap):
             continue
         per_chapter[item["source"]] = per_chapter.get(item["source"], 0) + 1
         per_key[value] = per_key.get(value, 0) + 1
@@ -107,12 +116,58 @@ def _take(candidates: list[dict[str, Any]], n_items: int, rng: random.Random, ke
     return [{"id": f"{i:04d}", **item} for i, item in enumerate(taken)]
 
 
-def lastword_items(chapters: Sequence[english.Chapter], n_items: int, seed: int) -> list[dict[str, Any]]:
-    """LAMBADA-style: the last word of a passage (which occurs earlier in it) among 3 other words of it."""
+def _slot_key(token: str) -> str:
+    """What licenses the next word: the preceding word (lower case), or its final punctuation mark."""
+    return token.lower() if token[-1].isalnum() else token[-1]
+
+
+def _bare(token: str) -> str:
+    return token.strip(".,;:!?\"'()[]").lower()
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Word frequencies and attested (slot, word) bigrams over the whole corpus (both splits)."""
+
+    counts: Counter[str]
+    bigrams: frozenset[tuple[str, str]]
+
+    @classmethod
+    def of(cls, texts: Sequence[str]) -> Vocabulary:
+        counts: Counter[str] = Counter()
+        bigrams: set[tuple[str, str]] = set()
+        for text in texts:
+            tokens = text.split()
+            counts.update(_bare(token) for token in tokens)
+            bigrams.update((_slot_key(a), _bare(b)) for a, b in itertools.pairwise(tokens))
+        return cls(counts, frozenset(bigrams))
+
+    def distractors(self, word: str, slot: str, pools: Sequence[Sequence[str]], n: int = 3) -> list[str] | None:
+        """``n`` words of the first pool(s) that fit after ``slot``, nearest to ``word`` in log frequency."""
+        def fits(other: str) -> bool:
+            return (other.lower() != word.lower() and other[0].isupper() == word[0].isupper()
+                    and other.lower() not in FUNCTION_WORDS and (slot, other.lower()) in self.bigrams)
+
+        target = math.log(self.counts[word.lower()] + 1)
+        chosen: list[str] = []
+        for pool in pools:
+            fitting = sorted({w for w in pool if fits(w)} - set(chosen),
+                             key=lambda w: (abs(math.log(self.counts[w.lower()] + 1) - target), w))
+            chosen += fitting[: n - len(chosen)]
+            if len(chosen) == n:
+                return chosen
+        return None
+
+
+def lastword_items(chapters: Sequence[english.Chapter], n_items: int, seed: int,
+                   vocabulary: Vocabulary | None = None) -> list[dict[str, Any]]:
+    """LAMBADA-style: the last word of a passage (which occurs earlier in it) among 3 distractors that fit the slot."""
     rng = random.Random(seed)
+    vocabulary = vocabulary or Vocabulary.of([chapter.text for chapter in english.chapters()])
     candidates = []
     for chapter in chapters:
         parts = sentences(chapter.text)
+        chapter_words = _WORD.findall(chapter.text)
         for index in range(1, len(parts)):
             match = _LAST_WORD.match(parts[index])
             if match is None:
@@ -126,17 +181,15 @@ def lastword_items(chapters: Sequence[english.Chapter], n_items: int, seed: int)
             context = before + " " + head
             if re.search(rf"\b{re.escape(word)}\b", before) is None:
                 continue
-            others = sorted({w for w in _WORD.findall(context)
-                             if w.lower() != word.lower() and w[0].isupper() == word[0].isupper()
-                             and w.lower() not in FUNCTION_WORDS})
-            if len(others) >= 3:
+            others = vocabulary.distractors(word, _slot_key(head.split()[-1]), [_WORD.findall(context), chapter_words])
+            if others is not None:
                 candidates.append({"source": chapter.name, "sentence": index, "context": context, "word": word,
                                    "others": others})
     cap = max(1, math.floor(MAX_WORD_SHARE * n_items))
-    items = _take(candidates, n_items, rng, key="word", key_cap=cap)
+    items = _take(candidates, n_items, rng, key="word", key_cap=cap, per_chapter_cap=LASTWORD_PER_CHAPTER)
     for item in items:
         word, others = item.pop("word"), item.pop("others")
-        choices = [" " + word, *(" " + w for w in rng.sample(others, 3))]
+        choices = [" " + word, *(" " + w for w in others)]
         rng.shuffle(choices)
         item["choices"] = choices
         item["label"] = choices.index(" " + word)

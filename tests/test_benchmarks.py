@@ -143,20 +143,40 @@ def test_tasks_load_through_lm_eval(tmp_path: Path) -> None:
 
 
 def test_the_default_plan_has_each_row_once() -> None:
+    methods = paper_tables.registry_methods()
     options = paper_tables.Options(
         models=("tiny-mha", "tiny-gqa"), ablation_models=("tiny-mha",), tables=paper_tables.ALL_TABLES,
-        methods=paper_tables.TABLE1_METHODS, ratios=paper_tables.TABLE1_RATIOS, nsamples=128, seqlen=512,
+        methods=methods, ratios=paper_tables.TABLE1_RATIOS,
     )
     plan = paper_tables.build_plan(options, lambda model: model == "tiny-gqa")
     counts = {model: len(specs) for model, specs in plan.rows.items()}
-    n_methods = sum(method in METHODS for method in paper_tables.TABLE1_METHODS)
-    # dense + Table 1, then on tiny-mha 3 ablations x 2 ratios, 4 other schedules, 2 prose rows and
-    # 3 + 3 Figure 3 points (the full-size point is Table 1's row); on tiny-gqa 2 query-heads rows.
-    assert counts == {"tiny-mha": 1 + 4 * n_methods + 6 + 4 + 2 + 6, "tiny-gqa": 1 + 4 * n_methods + 2}
+    paper = sum(method in paper_tables.PAPER_METHODS for method in plan.methods)
+    peers = len(plan.methods) - paper
+    assert set(METHODS) | {"slimgpt-auto"} == set(methods) and peers >= 1 + len(METHODS) - 6
+    # dense + Table 1 (the paper's methods at 4 ratios, the others at 20% and 50%), then on tiny-mha
+    # 3 ablations x 2 ratios, 4 other schedules, 2 prose rows and 3 + 3 Figure 3 points (the full-size
+    # point is Table 1's row); on tiny-gqa 2 query-heads rows.
+    table1 = 4 * paper + 2 * peers
+    assert counts == {"tiny-mha": 1 + table1 + 6 + 4 + 2 + 6, "tiny-gqa": 1 + table1 + 2}
     keys = [spec.key for specs in plan.rows.values() for spec in specs]
     assert len(keys) == len(set(keys))
-    if "slicegpt" not in METHODS:
-        assert any("'slicegpt' is not available" in note for note in plan.notes)
+    # 20% and 50% of every method run before any other ratio; the schedule=auto row is its own row.
+    first = plan.rows["tiny-mha"][1:1 + 2 * len(plan.methods)]
+    assert {spec.ratio for spec in first} == {0.2, 0.5}
+    assert any(dict(spec.options).get("schedule") == "auto" for spec in first)
+
+
+def test_smollm2_plan_uses_english_and_skips_unknown_methods() -> None:
+    argv = ["--models", "smollm2-135m", "--methods", "slimgpt,slimgpt-auto,no-such-method", "--ratios", "0.2,0.5"]
+    options = paper_tables.make_options(paper_tables.parse_args(argv))
+    plan = paper_tables.build_plan(options, lambda model: True)
+    assert plan.methods == ("slimgpt", "slimgpt-auto") and any("'no-such-method'" in note for note in plan.notes)
+    specs = plan.rows["smollm2-135m"]
+    assert {spec.calib for spec in specs if spec.method != "dense"} == {"english", "builtin"}  # Table 14
+    assert options.protocol("smollm2-135m").eval_lengths(8192) == (128, 512)
+    table1 = [spec for spec in specs if spec.key in plan.tasks]
+    assert len(table1) == 1 + 2 * 2  # dense + Table 1: ablation rows are judged on perplexity only
+    assert paper_tables.output_stem(options, quick=False) == "paper_tables_smollm2-135m"
 
 
 @pytest.fixture(scope="module")
@@ -181,12 +201,14 @@ def small_builtin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Calibrate on a few training files: tokenizing the whole training split takes ~15 s per call."""
     text = tmp_path / "train_sample.txt"
     text.write_text("\n\n".join(corpus.read_documents(corpus.stdlib_files("train")[:20])))
-    real = paper_tables.calibration_windows
+    import paper_bench
+
+    real = paper_bench.calibration_windows
 
     def calibration_windows(tokenizer: Any, source: str, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
         return real(tokenizer, str(text) if source == "builtin" else source, nsamples, seqlen, seed)
 
-    monkeypatch.setattr(paper_tables, "calibration_windows", calibration_windows)
+    monkeypatch.setattr(paper_bench, "calibration_windows", calibration_windows)
 
 
 def test_paper_tables_quick_runs_end_to_end_and_resumes(
@@ -219,6 +241,12 @@ def test_paper_tables_quick_runs_end_to_end_and_resumes(
     lost = f"{tiny_model}|magnitude|0.50|calib=builtin|n=16|s=128|"
     del data["rows"][lost]
     (out / "paper_tables_quick.json").write_text(json.dumps(data))
+    # --render-only (while another invocation fills the JSON) runs nothing and writes no JSON.
+    before = (out / "paper_tables_quick.json").read_text()
+    assert paper_tables.main([*argv, "--render-only"]) == 0
+    assert (out / "paper_tables_quick.json").read_text() == before
+    assert "1 planned row(s) are not measured yet" in (out / "paper_tables_quick.md").read_text()
+    capsys.readouterr()
     assert paper_tables.main(argv) == 0
     assert "CPU time budget: 1 of 5 rows" in capsys.readouterr().out
     again = json.loads((out / "paper_tables_quick.json").read_text())["rows"]
@@ -253,9 +281,10 @@ def test_layer_errors_start_at_the_first_changed_layer(tiny_model: Path) -> None
 def test_report_reference_quick_writes_the_report_and_figures(
     tiny_model: Path, tmp_path: Path, small_builtin: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import paper_bench
     import report_reference
 
-    monkeypatch.setattr(report_reference, "calibration_windows", paper_tables.calibration_windows)
+    monkeypatch.setattr(report_reference, "calibration_windows", paper_bench.calibration_windows)
     out = tmp_path / "docs"
     assert report_reference.main(["--model", str(tiny_model), "--quick", "--out", str(out), "--threads", "1"]) == 0
     markdown = (out / "reference_report.md").read_text()

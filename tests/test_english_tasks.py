@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -49,10 +51,47 @@ def test_items_come_from_eval_chapters_only(built: dict[str, list[dict[str, Any]
             true = item["choices"][item["label"]]
             assert item["context"] + true in text
             assert len(item["choices"]) == 4 and len(set(item["choices"])) == 4
-            if name == "english-lastword":  # the word occurs earlier; so do the other choices
-                assert all(choice.strip() in item["context"] and len(choice.strip()) >= 4 for choice in item["choices"])
+            if name == "english-lastword":  # the word occurs earlier; the other choices are words of the chapter
+                assert true.strip() in item["context"]
+                assert all(choice.strip() in text and len(choice.strip()) >= 4 for choice in item["choices"])
             else:
                 assert all(choice not in text for i, choice in enumerate(item["choices"]) if i != item["label"])
+
+
+@pytest.fixture(scope="module")
+def vocabulary() -> english_tasks.Vocabulary:
+    return english_tasks.Vocabulary.of([chapter.text for chapter in english.chapters()])
+
+
+def test_lastword_distractors_fit_the_slot_and_mostly_come_from_the_passage(
+    built: dict[str, list[dict[str, Any]]], vocabulary: english_tasks.Vocabulary
+) -> None:
+    items = built["english-lastword"]
+    in_passage = 0
+    for item in items:
+        slot = english_tasks._slot_key(item["context"].split()[-1])
+        true = item["choices"][item["label"]].strip()
+        for index, choice in enumerate(item["choices"]):
+            word = choice.strip()
+            assert word.lower() not in english_tasks.FUNCTION_WORDS and word[0].isupper() == true[0].isupper()
+            if index != item["label"]:  # attested right after the gap's preceding word somewhere in the corpus
+                assert (slot, word.lower()) in vocabulary.bigrams, (item["id"], slot, word)
+                in_passage += re.search(rf"\b{re.escape(word)}\b", item["context"]) is not None
+    assert in_passage >= 0.75 * 3 * len(items)  # 80% of the distractors; the rest from the same chapter
+
+
+def test_distractors_are_the_nearest_in_frequency(vocabulary: english_tasks.Vocabulary) -> None:
+    pool = ["Moses", "bread", "water", "gold", "silver", "cattle", "mountain", "cities"]
+    chosen = vocabulary.distractors("wine", "of", [pool])
+    fitting = [w for w in pool if ("of", w.lower()) in vocabulary.bigrams and w[0].islower()]
+    # "Moses" is capitalised; "of mountain" and "of cities" never occur (always "of the ...")
+    assert "mountain" not in fitting and "cities" not in fitting and len(fitting) == 5
+    assert chosen is not None and len(chosen) == 3 and set(chosen) <= set(fitting)
+
+    def distance(word: str) -> float:
+        return abs(math.log(vocabulary.counts[word] + 1) - math.log(vocabulary.counts["wine"] + 1))
+    assert max(map(distance, chosen)) <= min(distance(w) for w in fitting if w not in chosen)
+    assert vocabulary.distractors("wine", "of", [["Moses"]]) is None  # too few: the item is skipped
 
 
 def test_labels_and_words_are_spread(built: dict[str, list[dict[str, Any]]]) -> None:

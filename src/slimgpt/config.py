@@ -43,6 +43,10 @@ class PruneConfig(JsonConfig):
         per-block residual index sets).
     taylor_samples / taylor_seqlen: LLM-Pruner's gradient pass uses the first ``taylor_samples``
         calibration windows cut to ``taylor_seqlen`` tokens (the authors: 10 samples of 64 tokens).
+    spread: dynamic-slicing only: the share of the mean slice that follows layer redundancy, in [0, 1]
+        (None: the method's default, 0.25; 0 is SliceGPT's constant width).
+    eps: modegpt only: the smoothing eps of its per-layer budget softmax(-block importance / eps), > 0
+        (None: the method's default, 0.15; smaller concentrates the pruning on the least important layers).
     device: where the layer being pruned runs; offload: keep calibration activations on the CPU.
     """
 
@@ -72,10 +76,12 @@ class PruneConfig(JsonConfig):
     batch_size: int = 0  # calibration windows a pass; 0: chosen from the memory budget (layerwise.memory)
     taylor_samples: int = 10
     taylor_seqlen: int = 64
+    spread: float | None = None
+    eps: float | None = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
-        check_field_types(self, {"first_ratio": float})
+        check_field_types(self, {"first_ratio": float, "spread": float, "eps": float})
         if not self.calib.strip():
             raise ConfigError("--calib is empty: pass c4, wikitext2, ptb, alpaca, gpt4-alpaca, builtin or a local path")
         try:
@@ -112,8 +118,23 @@ class PruneConfig(JsonConfig):
             raise ConfigError(f"--first-fraction {self.first_fraction} must be in (0, 1]")
         if not 0.0 < self.group_fraction <= 1.0:
             raise ConfigError(f"--group-fraction {self.group_fraction} must be in (0, 1]")
+        self._check_method_options()
         if self.percdamp < 0:
             raise ConfigError(f"--percdamp {self.percdamp} must be >= 0")
         if self.version != CONFIG_VERSION:
             raise ConfigError(f"config version {self.version} is not supported (this slimgpt reads {CONFIG_VERSION})")
+
+    def _check_method_options(self) -> None:
+        """--spread and --eps belong to one method each; a value another method would ignore is refused."""
+        if self.spread is not None:
+            if self.method != "dynamic-slicing":
+                raise ConfigError(f"--spread is dynamic-slicing's option; --method {self.method} has none: drop it")
+            if not 0.0 <= self.spread <= 1.0:
+                raise ConfigError(f"--spread {self.spread} is outside [0, 1]: give the redundancy-driven share of "
+                                  "the mean slice")
+        if self.eps is not None:
+            if self.method != "modegpt":
+                raise ConfigError(f"--eps is modegpt's option; --method {self.method} has none: drop it")
+            if not self.eps > 0.0:
+                raise ConfigError(f"--eps {self.eps} must be > 0 (the smoothing of modegpt's per-layer budget)")
 

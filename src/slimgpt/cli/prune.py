@@ -85,6 +85,12 @@ def add_prune_options(parser: argparse.ArgumentParser) -> None:
                         help="llm-pruner: calibration windows in its gradient pass (default %(default)s)")
     parser.add_argument("--taylor-seqlen", type=int, default=d.taylor_seqlen,
                         help="llm-pruner: tokens of each window in its gradient pass (default %(default)s)")
+    parser.add_argument("--spread", type=float, default=None,
+                        help="dynamic-slicing: share of the mean slice that follows layer redundancy, in [0, 1] "
+                             "(default 0.25; 0 is SliceGPT's constant width)")
+    parser.add_argument("--eps", type=float, default=None,
+                        help="modegpt: smoothing eps of the per-layer budget softmax(-block importance / eps), > 0 "
+                             "(default 0.15)")
 
 
 def config_from(args: argparse.Namespace) -> PruneConfig:
@@ -95,7 +101,7 @@ def config_from(args: argparse.Namespace) -> PruneConfig:
         group_schedule=args.group_schedule, group_start=args.group_start, group_floor=args.group_floor,
         group_fraction=args.group_fraction, gqa_policy=args.gqa_policy, solver=args.solver, round_to=args.round_to,
         device=args.device, offload=not args.no_offload, batch_size=args.batch_size,
-        taylor_samples=args.taylor_samples, taylor_seqlen=args.taylor_seqlen,
+        taylor_samples=args.taylor_samples, taylor_seqlen=args.taylor_seqlen, spread=args.spread, eps=args.eps,
     )
 
 

@@ -26,5 +26,11 @@ _MODULES = (disp_llm, dotresize, dynamic_slicing, fasp, flap, llm_pruner, magnit
 
 
 def get_method(config: PruneConfig) -> Method:
-    """The registered method ``config.method``, configured by ``config``."""
-    return METHODS[config.method](config)
+    """The registered method ``config.method``, configured by ``config`` and the options only it reads
+    (``spread``: dynamic slicing's width spread; ``eps``: MoDeGPT's budget smoothing)."""
+    options: dict[str, float] = {}
+    if config.spread is not None:
+        options["spread"] = config.spread
+    if config.eps is not None:
+        options["smoothing"] = config.eps
+    return METHODS[config.method](config, **options)
