@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimgpt.errors import UnsupportedModelError
 from slimgpt.models.adapters import ModelAdapter
 from slimgpt.models.disp import SETS
-from slimgpt.models.families import family_row, get_adapter
+from slimgpt.models.families import stock_llama_like_adapter
 from slimgpt.models.geometry import layer_params
 
 INPUT_DIM = 32  # the hypernetwork's fixed random input per structure
@@ -28,15 +27,7 @@ HIDDEN = 64  # the bi-GRU's hidden size per direction
 
 def check_model(model: nn.Module) -> ModelAdapter:
     """The adapter of a stock LLaMA-like model; anything else is refused with one line."""
-    config: Any = model.config
-    family = family_row(config.model_type)
-    if not family.llama_like:
-        raise UnsupportedModelError(f"--method disp-llm needs a LLaMA-like model (pre-norm, gated FFN); "
-                                    f"{family.label} is not: use another method for it")
-    if config.model_type != family.model_type:
-        raise UnsupportedModelError(f"--method disp-llm prunes a stock {family.label} model; this one "
-                                    f"({config.model_type}) was already pruned by slimgpt")
-    return get_adapter(config)
+    return stock_llama_like_adapter(model, "disp-llm", "pre-norm, gated FFN")
 
 
 @dataclass(frozen=True)

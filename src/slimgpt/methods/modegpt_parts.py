@@ -9,10 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimgpt.errors import UnsupportedModelError
 from slimgpt.layerwise.capture import Activations
 from slimgpt.models.adapters import ModelAdapter
-from slimgpt.models.families import family_row, get_adapter
+from slimgpt.models.families import stock_llama_like_adapter
 from slimgpt.models.geometry import layer_params
 from slimgpt.report import PruneReport
 from slimgpt.solver.hessian import InputStatistics
@@ -21,15 +20,7 @@ from slimgpt.solver.modegpt import LayerCost, LayerDims, keep_top, low_rank_vo, 
 
 def check_model(model: nn.Module) -> ModelAdapter:
     """The adapter of a stock LLaMA-like model; anything else is refused with one line."""
-    config: Any = model.config
-    family = family_row(config.model_type)
-    if not family.llama_like:
-        raise UnsupportedModelError(f"--method modegpt needs a LLaMA-like model (rotary attention, gated FFN); "
-                                    f"{family.label} is not: use another method for it")
-    if config.model_type != family.model_type:
-        raise UnsupportedModelError(f"--method modegpt prunes a stock {family.label} model; this one "
-                                    f"({config.model_type}) was already pruned by slimgpt")
-    return get_adapter(config)
+    return stock_llama_like_adapter(model, "modegpt", "rotary attention, gated FFN")
 
 
 def layer_cost(adapter: ModelAdapter, layer: nn.Module) -> LayerCost:

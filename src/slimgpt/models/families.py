@@ -130,3 +130,17 @@ def family_row(model_type: str) -> Family:
 def get_adapter(config: Any) -> ModelAdapter:
     """The adapter for ``config.model_type`` (a pruned ``slimgpt_<type>`` maps to its base family)."""
     return family_row(getattr(config, "model_type", "") or "").adapter(config)
+
+
+def stock_llama_like_adapter(model: Any, method: str, needs: str) -> ModelAdapter:
+    """The adapter of a stock (not yet pruned) LLaMA-like model, for a method that needs one (``needs``: what
+    it relies on, for the message); anything else is refused with one line."""
+    config: Any = model.config
+    family = family_row(config.model_type)
+    if not family.llama_like:
+        raise UnsupportedModelError(f"--method {method} needs a LLaMA-like model ({needs}); {family.label} is not: "
+                                    "use another method for it")
+    if config.model_type != family.model_type:
+        raise UnsupportedModelError(f"--method {method} prunes a stock {family.label} model; this one "
+                                    f"({config.model_type}) was already pruned by slimgpt")
+    return get_adapter(config)
