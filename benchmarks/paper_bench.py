@@ -45,6 +45,8 @@ from slimgpt.models.slim import load_model, resolve_model_path
 from slimgpt.prune import prune_model
 
 PROSE_CALIB = "prose"
+SLICED_METHODS = ("slicegpt", "dynamic-slicing")  # the rows that get a bits-back size column
+BITS_BACK_DTYPES = ("bfloat16", "float32")  # what users ship, and the precision the rows are pruned in
 TASK_SETS: dict[str, ModuleType] = {"code": code_tasks, "english": english_tasks}
 
 
@@ -275,13 +277,14 @@ class ModelBench:
         return path
 
 
-def prune_row(spec: RowSpec, bench: ModelBench, model: torch.nn.Module) -> dict[str, Any]:
-    """Prune ``model`` in place as ``spec`` says: the row's ``prune`` record (with its peak memory)."""
+def prune_row(spec: RowSpec, bench: ModelBench, model: torch.nn.Module) -> tuple[dict[str, Any], Any]:
+    """Prune ``model`` in place as ``spec`` says: the row's ``prune`` record (with its peak memory) and
+    the pruning report."""
     config = with_options(spec, batch_size=bench.settings.prune_batch).config()
     calibration = bench.calibration(spec.calib, spec.nsamples, spec.seqlen)
     with PeakRss() as memory:
         report = prune_model(model, config, calibration, model_name=spec.model, progress=False)
-    return {
+    return report, {
         "config": config.to_dict(),
         "realised_ratio": report.realised_ratio,
         "schedule": report.schedule,
@@ -299,7 +302,7 @@ def measure_row(spec: RowSpec, bench: ModelBench, with_tasks: bool = True) -> di
     model = copy.deepcopy(bench.dense)
     adapter = get_adapter(model.config)
     decoder_before = decoder_params(model, adapter)
-    prune_info = prune_row(spec, bench, model) if spec.method != "dense" else None
+    report, prune_info = prune_row(spec, bench, model) if spec.method != "dense" else (None, None)
     prune_s = time.perf_counter() - start
 
     ppl = {}
@@ -314,6 +317,7 @@ def measure_row(spec: RowSpec, bench: ModelBench, with_tasks: bool = True) -> di
         scores = zero_shot(model, bench.tokenizer, bench.suite, batch_size=bench.settings.task_batch,
                            limit=bench.settings.task_limit).to_dict()
     wall = time.perf_counter() - start
+    sizes = bits_back_sizes(model, report, bench) if spec.method in SLICED_METHODS else None
     return {
         "key": spec.key, "model": spec.model, "method": spec.method, "ratio": spec.ratio, "calib": spec.calib,
         "nsamples": spec.nsamples, "seqlen": spec.seqlen, "options": dict(spec.options),
@@ -329,4 +333,37 @@ def measure_row(spec: RowSpec, bench: ModelBench, with_tasks: bool = True) -> di
         "cpu_s": round(time.process_time() - cpu_start, 2),
         "model_digest": bench.digest,
         "eval": bench.fingerprint,
+        **({"bits_back": sizes} if sizes is not None else {}),
     }
+
+
+def bits_back_sizes(model: torch.nn.Module, report: Any, bench: ModelBench) -> dict[str, Any]:
+    """Save the sliced ``model`` and export it with bits-back coding at each of ``BITS_BACK_DTYPES``: per
+    precision, the safetensors and bits-back bytes and what was saved (``BitsBackSummary``), and whether
+    the decoded tensors' SHA-256 checked out (``load_bits_back`` raises if not)."""
+    import tempfile
+
+    from bits_back import cast_copy
+
+    from slimgpt.export import bitsback
+    from slimgpt.saving import save_pruned
+
+    sizes: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bitsback_", dir=bench.workdir) as tmp:
+        root = Path(tmp)
+        folder = save_pruned(model, None, report, root / "sliced")
+        for dtype in BITS_BACK_DTYPES:
+            source = folder if dtype == "float32" else cast_copy(folder, dtype, root)
+            _, summary = bitsback.export_bits_back(source, root / f"bb-{dtype}")
+            start = time.perf_counter()
+            bitsback.load_bits_back(root / f"bb-{dtype}")
+            sizes[dtype] = {**asdict(summary), "decode_seconds": round(time.perf_counter() - start, 3)}
+    return sizes
+
+
+def fill_bits_back(spec: RowSpec, bench: ModelBench) -> dict[str, Any]:
+    """The bits-back column of a sliced row measured before the column existed: prune again (the
+    pruning is deterministic given the seed; the parameter count is checked against the row) and export."""
+    model = copy.deepcopy(bench.dense)
+    report, _ = prune_row(spec, bench, model)
+    return {"parameters": count_parameters(model), "bits_back": bits_back_sizes(model, report, bench)}

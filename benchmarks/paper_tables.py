@@ -78,7 +78,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
 
-from paper_bench import ModelBench, fingerprint, is_gqa, measure_row, prose_text, spread, task_module, weights_digest
+from paper_bench import (
+    SLICED_METHODS,
+    ModelBench,
+    fill_bits_back,
+    fingerprint,
+    is_gqa,
+    measure_row,
+    prose_text,
+    spread,
+    task_module,
+    weights_digest,
+)
 from paper_plan import (
     ABLATION_RATIOS,
     ABLATIONS,
@@ -224,9 +235,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     todo = [s for s in specs if args.force
             or results.valid(s, digests[s.model], prints[s.model], s.key in plan.tasks) is None]
     print_header(args, options, plan, len(specs), len(todo))
+    # sliced rows measured before the bits-back size column existed: prune again and export (no eval)
+    fills = [s for s in specs if s not in todo and s.method in SLICED_METHODS
+             and "bits_back" not in results.rows[s.key]]
     if args.render_only:
-        todo = []
+        todo, fills = [], []
     failures = run_rows(todo, plan, options, results, args.quick)
+    failures.update(fill_rows(fills, options, results, args.quick))
 
     wall, cpu = time.perf_counter() - run_start, time.process_time() - cpu_start
     tables = Tables(results.rows, {m: _eval_lengths(results, m) for m in models},
@@ -282,6 +297,32 @@ def run_rows(todo: Sequence[RowSpec], plan: Plan, options: Options, results: Res
             print(f"[{index + 1}/{len(todo)}] {spec.key}: {_row_summary(row)}; {row['wall_s']:.1f} s "
                   f"(prune {row['prune_s']:.1f} s, cpu {row['cpu_s']:.1f} s); load {os.getloadavg()[0]:.1f}; "
                   f"ETA {eta / 60:.1f} min", flush=True)
+    return failures
+
+
+def fill_rows(fills: Sequence[RowSpec], options: Options, results: Results, quick: bool) -> dict[str, str]:
+    """Add the bits-back column to finished sliced rows that lack it; the failures."""
+    failures: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="slimgpt_paper_tables_") as tmp:
+        bench: ModelBench | None = None
+        for index, spec in enumerate(fills):
+            if bench is None or bench.name != spec.model:
+                bench = None
+                bench = ModelBench(spec.model, options.protocol(spec.model), quick, Path(tmp))
+            row = results.rows[spec.key]
+            try:
+                filled = fill_bits_back(spec, bench)
+                if filled["parameters"] != row["parameters"]:
+                    raise RuntimeError(f"pruning again gave {filled['parameters']} parameters, the row has "
+                                       f"{row['parameters']}: rerun the row with --force")
+            except Exception as error:
+                failures[spec.key] = f"bits-back: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                print(f"[bits-back {index + 1}/{len(fills)}] FAILED {spec.key}: {failures[spec.key]}", flush=True)
+                continue
+            row["bits_back"] = filled["bits_back"]
+            results.save()
+            saved = ", ".join(f"{d} {v['saved_percent']:.2f}%" for d, v in filled["bits_back"].items())
+            print(f"[bits-back {index + 1}/{len(fills)}] {spec.key}: saved {saved}", flush=True)
     return failures
 
 
@@ -395,6 +436,7 @@ def render(tables: Tables, plan: Plan, options: Options, claims: Sequence[Claim]
             parts += [f"Why a claim is not held, row by row (bug, scale or method): [{FINDINGS}]({FINDINGS}).", ""]
     if "1" in options.tables:
         parts.append(tables.table1(plan, options, failures))
+        parts.append(tables.bits_back(plan, options))
         parts += [f"![{name}]({_rel(path, out)})" for name, path in figures.items()
                   if name.startswith("ppl_vs_ratio")] + [""]
     for model in options.ablation_models:

@@ -253,6 +253,63 @@ def test_paper_tables_quick_runs_end_to_end_and_resumes(
     assert set(again) == set(rows) and again[f"{tiny_model}|dense"] == dense
 
 
+def test_sliced_rows_get_a_bits_back_column_and_old_rows_are_filled(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], small_builtin: None
+) -> None:
+    out = tmp_path / "results"
+    argv = ["--models", str(tiny_model), "--tables", "1", "--methods", "slicegpt", "--ratios", "0.2",
+            "--quick", "--out", str(out), "--threads", "1"]
+    assert paper_tables.main(argv) == 0
+    path = out / "paper_tables_quick.json"
+    data = json.loads(path.read_text())
+    key = f"{tiny_model}|slicegpt|0.20|calib=builtin|n=16|s=128|"
+    sizes = data["rows"][key]["bits_back"]
+    assert set(sizes) == {"bfloat16", "float32"}
+    for size in sizes.values():
+        assert 0 < size["bitsback_bytes"] < size["safetensors_bytes"] and size["rotation_bits_returned"] > 0
+    assert "bits_back" not in data["rows"][f"{tiny_model}|dense"]
+    markdown = (out / "paper_tables_quick.md").read_text()
+    assert "### Bits-back export of the sliced rows" in markdown and f"{sizes['bfloat16']['saved_percent']:.2f}%" in markdown
+
+    # A row measured before the column existed: the rerun prunes again, exports, and runs no evaluation.
+    del data["rows"][key]["bits_back"]
+    path.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert paper_tables.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "CPU time budget: 0 of 2 rows" in printed and "[bits-back 1/1]" in printed
+    filled = json.loads(path.read_text())["rows"][key]["bits_back"]
+    for dtype, size in sizes.items():  # the bytes are deterministic; the times are not
+        assert filled[dtype]["bitsback_bytes"] == size["bitsback_bytes"], dtype
+        assert filled[dtype]["safetensors_bytes"] == size["safetensors_bytes"], dtype
+
+
+def test_a_claim_with_unmeasured_rows_is_held_only_so_far() -> None:
+    import paper_render
+
+    options = paper_tables.Options(models=("m",), ablation_models=("m",), tables=("1",), methods=("slimgpt",),
+                                   ratios=(0.2, 0.5), peer_ratios=(0.2, 0.5))
+
+    def row(ppl: float) -> dict[str, Any]:
+        return {"ppl": {"128": {"value": ppl}}}
+
+    def rows(**ppl: float) -> dict[str, Any]:
+        return {paper_tables.base_row("m", options, 0.2, method).key: row(value) for method, value in ppl.items()}
+
+    baselines = list(paper_render.BASELINES)
+    everything = {"slimgpt": 10.0, **{m: 20.0 for m in baselines}}
+    verdict = paper_render._versus(paper_render.Tables(rows(**everything), {}, {}), options, "m", 0.2, baselines, "c")
+    assert verdict.verdict == "HELD"
+    partial = {k: v for k, v in everything.items() if k != baselines[0]}
+    verdict = paper_render._versus(paper_render.Tables(rows(**partial), {}, {}), options, "m", 0.2, baselines, "c")
+    assert verdict.verdict == "HELD so far" and f"not measured: {baselines[0]}" in verdict.evidence
+    worse = {**partial, baselines[1]: 5.0}
+    verdict = paper_render._versus(paper_render.Tables(rows(**worse), {}, {}), options, "m", 0.2, baselines, "c")
+    assert verdict.verdict == "NOT HELD"
+    verdict = paper_render._versus(paper_render.Tables(rows(slimgpt=10.0), {}, {}), options, "m", 0.2, baselines, "c")
+    assert verdict.verdict == "NOT MEASURED"
+
+
 def test_prose_calibration_text_is_prose_from_training_files() -> None:
     text = paper_tables.prose_text(max_chars=20_000)
     paragraphs = text.strip().split("\n\n")
