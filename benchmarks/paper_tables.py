@@ -286,7 +286,7 @@ def run_rows(todo: Sequence[RowSpec], plan: Plan, options: Options, results: Res
             try:
                 row = measure_row(spec, bench, with_tasks=spec.key in plan.tasks)
             except Exception as error:  # one broken method must not cost the other rows
-                failures[spec.key] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                failures[spec.key] = _error_line(error)
                 print(f"[{index + 1}/{len(todo)}] FAILED {spec.key}: {failures[spec.key]}", flush=True)
                 logger.debug("%s", traceback.format_exc())
                 continue
@@ -316,7 +316,7 @@ def fill_rows(fills: Sequence[RowSpec], options: Options, results: Results, quic
                     raise RuntimeError(f"pruning again gave {filled['parameters']} parameters, the row has "
                                        f"{row['parameters']}: rerun the row with --force")
             except Exception as error:
-                failures[spec.key] = f"bits-back: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                failures[spec.key] = f"bits-back: {_error_line(error)}"
                 print(f"[bits-back {index + 1}/{len(fills)}] FAILED {spec.key}: {failures[spec.key]}", flush=True)
                 continue
             row["bits_back"] = filled["bits_back"]
@@ -324,6 +324,10 @@ def fill_rows(fills: Sequence[RowSpec], options: Options, results: Results, quic
             saved = ", ".join(f"{d} {v['saved_percent']:.2f}%" for d, v in filled["bits_back"].items())
             print(f"[bits-back {index + 1}/{len(fills)}] {spec.key}: saved {saved}", flush=True)
     return failures
+
+
+def _error_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 
 
 def _eval_lengths(results: Results, model: str) -> tuple[int, ...]:

@@ -38,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a
 import tasks as code_tasks
 from paper_tables import spread
 
-from slimgpt.models.families import get_adapter
 from slimgpt.config import PruneConfig
 from slimgpt.data import calibration_windows, eval_windows
 from slimgpt.evaluation import (
@@ -50,6 +49,7 @@ from slimgpt.evaluation import (
     report_plots,
 )
 from slimgpt.evaluation.report import markdown_table, write_atomic
+from slimgpt.models.families import get_adapter
 from slimgpt.models.slim import load_model
 from slimgpt.prune import prune_model
 from slimgpt.report import PruneReport
