@@ -74,6 +74,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as slimgpt does, before torch loads (omp_wait.py)
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package

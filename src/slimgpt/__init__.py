@@ -11,6 +11,16 @@ pruned directory loads with ``AutoModelForCausalLM.from_pretrained``.
 
 __version__ = "0.1.0"
 
+import os as _os
+import sys as _sys
+
+# Before torch loads: OpenMP threads that sleep while they wait instead of spinning. On a CPU shared with
+# other jobs, spinning threads take the cores the others need; a perplexity pass next to one other 2-thread
+# job ran 14x slower with the default (docs/benchmarks.md, "OpenMP wait policy"). Set OMP_WAIT_POLICY
+# yourself to choose; it has no effect once torch is imported.
+if "torch" not in _sys.modules:
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from slimgpt.config import PruneConfig
 from slimgpt.models.slim import load_model, load_pruned
 from slimgpt.prune import plan, prune_model
