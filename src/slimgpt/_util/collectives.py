@@ -8,6 +8,7 @@ Used by slimgpt.layerwise.distributed; the process group must exist.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
@@ -27,35 +28,35 @@ class _Slot:
     cuda: bool
 
 
-def _pack(value: Any, tensors: list[torch.Tensor]) -> Any:
-    """``value`` with every tensor (in dataclass fields, lists, tuples, dict values) replaced by a _Slot."""
-    if isinstance(value, torch.Tensor):
-        tensors.append(value)
-        return _Slot(len(tensors) - 1, tuple(value.shape), value.dtype, value.device.type == "cuda")
+def _tree_map(value: Any, is_leaf: Callable[[Any], bool], leaf: Callable[[Any], Any]) -> Any:
+    """``value`` with every leaf (in dataclass fields, lists, tuples, dict values) replaced by ``leaf(it)``;
+    the containers are copied, never changed in place."""
+    if is_leaf(value):
+        return leaf(value)
     if is_dataclass(value) and not isinstance(value, type):
-        packed = copy.copy(value)
+        mapped = copy.copy(value)
         for f in fields(value):
-            object.__setattr__(packed, f.name, _pack(getattr(value, f.name), tensors))
-        return packed
+            object.__setattr__(mapped, f.name, _tree_map(getattr(value, f.name), is_leaf, leaf))
+        return mapped
     if isinstance(value, (list, tuple)):
-        return type(value)(_pack(v, tensors) for v in value)
+        return type(value)(_tree_map(v, is_leaf, leaf) for v in value)
     if isinstance(value, dict):
-        return {k: _pack(v, tensors) for k, v in value.items()}
+        return {k: _tree_map(v, is_leaf, leaf) for k, v in value.items()}
     return value
+
+
+def _pack(value: Any, tensors: list[torch.Tensor]) -> Any:
+    """``value`` with every tensor replaced by a _Slot; the tensors are appended to ``tensors``."""
+
+    def slot(tensor: torch.Tensor) -> _Slot:
+        tensors.append(tensor)
+        return _Slot(len(tensors) - 1, tuple(tensor.shape), tensor.dtype, tensor.device.type == "cuda")
+
+    return _tree_map(value, lambda v: isinstance(v, torch.Tensor), slot)
 
 
 def _unpack(value: Any, tensors: list[torch.Tensor]) -> Any:
-    if isinstance(value, _Slot):
-        return tensors[value.index]
-    if is_dataclass(value) and not isinstance(value, type):
-        for f in fields(value):
-            object.__setattr__(value, f.name, _unpack(getattr(value, f.name), tensors))
-        return value
-    if isinstance(value, (list, tuple)):
-        return type(value)(_unpack(v, tensors) for v in value)
-    if isinstance(value, dict):
-        return {k: _unpack(v, tensors) for k, v in value.items()}
-    return value
+    return _tree_map(value, lambda v: isinstance(v, _Slot), lambda v: tensors[v.index])
 
 
 def portable(error: BaseException) -> tuple[type[Exception], str]:
@@ -96,14 +97,4 @@ def receive_outcome(device: torch.device) -> Any:
 
 
 def _collect_slots(value: Any, slots: list[_Slot]) -> None:
-    if isinstance(value, _Slot):
-        slots.append(value)
-    elif is_dataclass(value) and not isinstance(value, type):
-        for f in fields(value):
-            _collect_slots(getattr(value, f.name), slots)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            _collect_slots(v, slots)
-    elif isinstance(value, dict):
-        for v in value.values():
-            _collect_slots(v, slots)
+    _tree_map(value, lambda v: isinstance(v, _Slot), slots.append)
