@@ -79,3 +79,44 @@ def calibration(n: int = 8, seqlen: int = 32, seed: int = 1) -> torch.Tensor:
 def probe(seed: int = 2) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (2, 24), generator=generator)
+
+
+def assert_stream_matches_memory(tmp_path, tokenizer, config, kept) -> None:  # type: ignore[no-untyped-def]
+    """``--stream`` on a sharded save of the llama test model gives what pruning in memory gives: the same
+    kept units per layer (``kept(layer_report)``) and the same logits (float tolerance)."""
+    from transformers import AutoModelForCausalLM
+
+    from slimgpt import prune_model
+    from slimgpt.streaming import stream_prune
+
+    dense = tmp_path / "dense"
+    make_model("llama").save_pretrained(dense, max_shard_size="50KB")
+    tokenizer.save_pretrained(dense)
+    model = AutoModelForCausalLM.from_pretrained(dense).eval()
+    report = prune_model(model, config, calibration(), progress=False)
+    result = stream_prune(dense, config, tmp_path / "stream", calibration(), progress=False)
+    streamed = AutoModelForCausalLM.from_pretrained(result.output).eval()
+    assert [kept(r) for r in result.report.layers] == [kept(r) for r in report.layers]
+    with torch.no_grad():
+        expected, actual = model(probe()).logits, streamed(probe()).logits
+    assert float((actual - expected).abs().max()) <= 1e-6 * max(float(expected.abs().max()), 1e-12)
+
+
+def assert_refuses_padded_export_and_stream(tmp_path, tokenizer, capsys, pruned_folder, method: str) -> None:  # type: ignore[no-untyped-def]
+    """A method whose saved format llama-padded cannot express, and which needs the whole model in memory:
+    both refusals are one line naming ``--method <method>``, exit status 2."""
+    from slimgpt.cli import main
+
+    dense = tmp_path / "dense"
+    make_model("llama").save_pretrained(dense)
+    tokenizer.save_pretrained(dense)
+    capsys.readouterr()
+    assert main(["export", str(pruned_folder), "--format", "llama-padded", "--output", str(tmp_path / "padded")]) == 2
+    err = capsys.readouterr().err
+    assert f"--method {method}" in err and len(err.strip().splitlines()) == 1
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT * 40)
+    code = main(["prune", str(dense), "--method", method, "--stream", "--calib", str(calib), "--nsamples", "2",
+                 "--seqlen", "16", "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--method {method}" in err and len(err.strip().splitlines()) == 1

@@ -11,9 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import TEXT, calibration, make_model, probe
+from conftest import assert_refuses_padded_export_and_stream, calibration, make_model, probe
 from slimgpt import PruneConfig, prune_model, save_pruned
-from slimgpt.cli import main
 from slimgpt.errors import ConfigError, UnsupportedModelError
 from slimgpt.methods import get_method
 from slimgpt.methods.disp_llm import LOSS_LOG, DispLLMMethod
@@ -155,16 +154,4 @@ def test_refusals(tmp_path: Path, tokenizer, capsys) -> None:  # type: ignore[no
         prune_model(make_model("llama"), _config(round_to=8), calibration(), progress=False)
     model, _, report = _prune("llama")
     out = save_pruned(model, tokenizer, report, tmp_path / "out")  # type: ignore[arg-type]
-    dense = tmp_path / "dense"
-    make_model("llama").save_pretrained(dense)
-    tokenizer.save_pretrained(dense)
-    capsys.readouterr()
-    assert main(["export", str(out), "--format", "llama-padded", "--output", str(tmp_path / "padded")]) == 2
-    err = capsys.readouterr().err
-    assert "--method disp-llm" in err and len(err.strip().splitlines()) == 1
-    calib = tmp_path / "calib.txt"
-    calib.write_text(TEXT * 40)
-    code = main(["prune", str(dense), "--method", "disp-llm", "--stream", "--calib", str(calib), "--nsamples", "2",
-                 "--seqlen", "16", "--output", str(tmp_path / "o")])
-    err = capsys.readouterr().err
-    assert code == 2 and "--method disp-llm" in err and len(err.strip().splitlines()) == 1
+    assert_refuses_padded_export_and_stream(tmp_path, tokenizer, capsys, out, "disp-llm")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import FAMILIES, calibration, make_model, probe
+from conftest import FAMILIES, assert_stream_matches_memory, calibration, make_model, probe
 from slimgpt import PruneConfig, prune_model, save_pruned
 from slimgpt.methods import get_method
 from slimgpt.methods.fasp import FASPMethod, fasp_scores
@@ -189,15 +189,4 @@ def test_cli_prunes_with_fasp_and_the_output_reloads(tmp_path) -> None:  # type:
 
 
 def test_streaming_gives_the_in_memory_model(tmp_path, tokenizer) -> None:  # type: ignore[no-untyped-def]
-    from slimgpt.streaming import stream_prune
-
-    dense = tmp_path / "dense"
-    make_model("llama").save_pretrained(dense, max_shard_size="50KB")
-    tokenizer.save_pretrained(dense)
-    config = _config(ratio=0.3)
-    model = AutoModelForCausalLM.from_pretrained(dense).eval()
-    report = prune_model(model, config, calibration(), progress=False)
-    result = stream_prune(dense, config, tmp_path / "stream", calibration(), progress=False)
-    streamed = AutoModelForCausalLM.from_pretrained(result.output).eval()
-    assert [r.kept_heads for r in result.report.layers] == [r.kept_heads for r in report.layers]
-    assert _close(streamed(probe()).logits, model(probe()).logits, 1e-6)
+    assert_stream_matches_memory(tmp_path, tokenizer, _config(ratio=0.3), lambda r: r.kept_heads)

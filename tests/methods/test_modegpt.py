@@ -9,9 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import TEXT, calibration, make_model, probe
+from conftest import assert_refuses_padded_export_and_stream, calibration, make_model, probe
 from slimgpt import PruneConfig, prune_model, save_pruned
-from slimgpt.cli import main
 from slimgpt.errors import ConfigError, UnsupportedModelError
 from slimgpt.methods import get_method
 from slimgpt.methods.modegpt_parts import layer_cost
@@ -155,16 +154,4 @@ def test_refusals(tmp_path: Path, tokenizer, capsys) -> None:  # type: ignore[no
     model = make_model("llama")
     report = prune_model(model, _config(), calibration(), progress=False)
     out = save_pruned(model, tokenizer, report, tmp_path / "out")
-    dense = tmp_path / "dense"
-    make_model("llama").save_pretrained(dense)
-    tokenizer.save_pretrained(dense)
-    capsys.readouterr()
-    assert main(["export", str(out), "--format", "llama-padded", "--output", str(tmp_path / "padded")]) == 2
-    err = capsys.readouterr().err
-    assert "--method modegpt" in err and len(err.strip().splitlines()) == 1
-    calib = tmp_path / "calib.txt"
-    calib.write_text(TEXT * 40)
-    code = main(["prune", str(dense), "--method", "modegpt", "--stream", "--calib", str(calib), "--nsamples", "2",
-                 "--seqlen", "16", "--output", str(tmp_path / "o")])
-    err = capsys.readouterr().err
-    assert code == 2 and "--method modegpt" in err and len(err.strip().splitlines()) == 1
+    assert_refuses_padded_export_and_stream(tmp_path, tokenizer, capsys, out, "modegpt")
