@@ -11,6 +11,7 @@ from typing import Any
 from paper_plan import (
     ABLATION_RATIOS,
     ABLATIONS,
+    AUTO_ROW,
     BASELINES,
     LABELS,
     PAPER_METHODS,
@@ -186,13 +187,16 @@ def check_claims(tables: Tables, options: Options, plan: Plan) -> list[Claim]:
     return claims
 
 
-def _versus(tables: Tables, options: Options, model: str, ratio: float, others: Sequence[str], claim: str) -> Claim:
-    ours = ppl_of(tables.get(base_row(model, options, ratio)), SHORT_WINDOW)
+def _versus(tables: Tables, options: Options, model: str, ratio: float, others: Sequence[str], claim: str,
+            method: str = "slimgpt") -> Claim:
+    """Whether ``method``'s row has a lower 128-token perplexity than each of ``others`` at ``ratio``."""
+    ours = ppl_of(tables.get(base_row(model, options, ratio, method)), SHORT_WINDOW)
     values = {m: ppl_of(tables.get(base_row(model, options, ratio, m)), SHORT_WINDOW) for m in others}
     measured = {m: v for m, v in values.items() if v is not None}
     ok = None if ours is None or not measured else all(ours < v for v in measured.values())
     missing = sorted(set(others) - set(measured))
-    pieces = [f"SlimGPT {_num(ours)}", ", ".join(f"{method_label(m)} {_num(v)}" for m, v in measured.items()),
+    label = "SlimGPT" if method == "slimgpt" else method_label(method)
+    pieces = [f"{label} {_num(ours)}", ", ".join(f"{method_label(m)} {_num(v)}" for m, v in measured.items()),
               f"not measured: {', '.join(missing)}" if missing else ""]
     evidence = "; ".join(piece for piece in pieces if piece)
     return Claim(f"{model_label(model)} {100 * ratio:.0f}%: {claim}", _verdict(ok, bool(missing)), evidence)
@@ -200,13 +204,19 @@ def _versus(tables: Tables, options: Options, model: str, ratio: float, others: 
 
 def claims_methods(tables: Tables, options: Options, model: str, plan: Plan) -> list[Claim]:
     """Table 1: SlimGPT has a lower perplexity than every baseline at 20% and at 50%; and (beyond the
-    paper, informative only) than every peer method this package also implements."""
-    peers = [m for m in plan.methods if m not in PAPER_METHODS]
+    paper, informative only) than every peer method this package also implements; and whether SlimGPT
+    with ``--schedule auto`` (this package's own schedule, not a peer) is lower than every other method."""
+    peers = [m for m in plan.methods if m not in PAPER_METHODS and m != AUTO_ROW]
     claims = [_versus(tables, options, model, ratio, BASELINES, "SlimGPT has a lower PPL than every baseline")
               for ratio in ABLATION_RATIOS]
     if peers:
         claims += [_versus(tables, options, model, ratio, peers,
                            "SlimGPT has a lower PPL than every peer method (beyond the paper)")
+                   for ratio in ABLATION_RATIOS]
+    if AUTO_ROW in plan.methods:
+        others = [m for m in plan.methods if m != AUTO_ROW]
+        claims += [_versus(tables, options, model, ratio, others,
+                           "SlimGPT auto has a lower PPL than every other method (beyond the paper)", AUTO_ROW)
                    for ratio in ABLATION_RATIOS]
     return claims
 
