@@ -18,13 +18,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (see slimgpt/__init__.py)
+import torch  # noqa: E402
 
 from slimgpt import PruneConfig, load_model, prune_model
 from slimgpt.data import calibration_windows, eval_windows
