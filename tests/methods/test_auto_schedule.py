@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,27 @@ def test_plan_is_deterministic() -> None:
     first = plan_auto(make_model("qwen2"), get_adapter(make_model("qwen2").config), calibration(), _config())
     second = plan_auto(make_model("qwen2"), get_adapter(make_model("qwen2").config), calibration(), _config())
     assert first == second
+
+
+def test_plan_reads_only_the_planning_windows() -> None:
+    """The plan measures the first quarter of the windows (at least the sensitivity windows): changing the
+    others changes nothing, and the report says how many it used."""
+    from slimgpt.methods.auto_schedule import PLAN_FRACTION, SENSITIVITY_TOKENS
+
+    model = make_model("llama")
+    adapter = get_adapter(model.config)
+    windows = calibration(n=24, seqlen=64)
+    config = _config(nsamples=24, seqlen=64)
+    plan = plan_auto(model, adapter, windows, config)
+    sensitivity = SENSITIVITY_TOKENS // 64
+    planning = max(sensitivity, math.ceil(PLAN_FRACTION * 24))
+    assert plan.details["planning_windows"] == planning < 24
+    assert plan.details["sensitivity_windows"] == sensitivity
+    other = windows.clone()
+    other[planning:] = calibration(n=24 - planning, seqlen=64, seed=7)
+    assert plan_auto(model, adapter, other, config) == plan
+    other[planning - 1] = other[planning]
+    assert plan_auto(model, adapter, other, config).details != plan.details
 
 
 def test_prune_reports_the_allocation_and_lands_on_it() -> None:

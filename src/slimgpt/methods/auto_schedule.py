@@ -1,7 +1,8 @@
 """SlimGPT's ``--schedule auto``: every layer's head and FFN-channel counts from measured costs.
 
-1. One pass of the calibration windows through the dense model collects every layer's o_proj and
-   down_proj input Hessians (slimgpt.layerwise.capture.dense_input_statistics).
+1. One pass of the first quarter of the calibration windows (``PLAN_FRACTION``, the planning windows)
+   through the dense model collects every layer's o_proj and down_proj input Hessians, and keeps the
+   sensitivity windows' activations (slimgpt.methods.auto_sensitivity.dense_run).
 2. Per layer and module, the OBS cost curve of successive removals along SlimGPT's own greedy path: head
    rounds (grouped-Cholesky scores) and 16 channel steps, up to a fraction min(1, 2.5 ratio + 0.15) of
    the module's units (the allocation never goes further; slimgpt.solver.allocation). A cost is the
@@ -11,6 +12,8 @@
    that module's weight is replaced by its compensated weight at the probe count (the uniform ratio's
    count), divided by the layer-wise cost there. It turns a layer's relative error into predicted
    output divergence, so error in a layer whose output the rest of the model amplifies counts for more.
+   A probe's forward starts at its own layer from the dense activations
+   (slimgpt.methods.auto_sensitivity.staircase_divergences).
 4. A global allocation over all layers and both modules: the least sum of sensitivity x cost whose
    removed parameters land on the goal (slimgpt.solver.allocation.allocate), keeping one attention unit
    and ``round_to`` channels per layer, and FFN widths multiples of ``round_to``.
@@ -45,8 +48,8 @@ from slimgpt.solver.hessian import InputStatistics, prepare_hessian
 from slimgpt.solver.schedule import AUTO, LayerGeometry, LayerPlan, SchedulePlan
 
 CHANNEL_STEPS = 16  # points of each FFN cost curve
-SENSITIVITY_TOKENS = 1024  # calibration tokens of the sensitivity forwards
-PLAN_WINDOWS = 0  # calibration windows of the planning pass (0: all)
+SENSITIVITY_TOKENS = 512  # calibration tokens of the sensitivity probes (the first windows)
+PLAN_FRACTION = 0.25  # of the calibration windows, the first ones, for the planning pass
 REACH = (2.5, 0.15)  # curves reach a fraction min(1, 2.5 ratio + 0.15) of each module's units
 STREAM_REFUSAL = ("--schedule auto measures every layer of the dense model before pruning any, which needs the "
                   "whole model in memory")
@@ -109,8 +112,9 @@ def plan_auto(model: nn.Module, adapter: ModelAdapter, calibration: torch.Tensor
     if config.ratio == 0:
         zero = [LayerPlan(0.0, 0, 0, 0) for _ in geometries]
         return SchedulePlan(zero, 0.0, 0.0, 0.0, 0.0, AUTO, total, 0, {"method": "nothing to remove"})
-    planning = calibration[:PLAN_WINDOWS].long() if PLAN_WINDOWS else calibration.long()
-    windows = planning[:max(1, SENSITIVITY_TOKENS // planning.shape[1])]
+    n, seqlen = calibration.shape
+    windows = calibration[:max(1, SENSITIVITY_TOKENS // seqlen)].long()
+    planning = calibration[:max(len(windows), math.ceil(PLAN_FRACTION * n))].long()
     dense = dense_run(model, adapter, planning, len(windows), config)
     curves = []
     for layer, geometry, layer_stats in zip(adapter.decoder_layers(model), geometries, dense.stats, strict=True):
