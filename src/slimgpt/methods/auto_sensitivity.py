@@ -28,7 +28,7 @@ from slimgpt.models.adapters import ModelAdapter
 from slimgpt.solver.hessian import InputStatistics
 
 LOGIT_BUDGET = 1 << 27  # logits (floats) of one head call
-STAIR_WINDOWS = 64  # windows of one layer call of the staircase
+STAIR_TOKENS = 1 << 14  # tokens of one layer call of the staircase
 
 
 @dataclass
@@ -163,12 +163,12 @@ def staircase_divergences(model: nn.Module, adapter: ModelAdapter, windows: torc
 
     A probe at layer i changes nothing before layer i, so its copy of the windows starts at layer i from
     the dense activations there (``_start``) and runs layers i, i+1, ... only; the copies of all probes
-    started so far go through each layer together (at most ``STAIR_WINDOWS`` windows a call), a forward
+    started so far go through each layer together (at most ``STAIR_TOKENS`` tokens a call), a forward
     hook adding a change to its own copy's rows (``per_call`` copies a call, if given). The dense reference
     is ``dense.final``.
     """
     device = torch.device(config.device)
-    per_call = per_call or max(1, STAIR_WINDOWS // len(windows))
+    per_call = per_call or max(1, STAIR_TOKENS // windows.numel())
     kwargs = _LayerKwargs(model, adapter, windows, device)
     streams: list[_Stream] = []
     for index, layer in enumerate(adapter.decoder_layers(model)):
