@@ -11,6 +11,7 @@ plots (paper Fig. 4 analog) of auto and log-increase at each ratio.
         --nsamples 32 --seqlen 256 --out docs/results
     python benchmarks/auto_schedule.py --table docs/results/auto_schedule_tiny-mha.json,...   # table only
     --methods "slimgpt auto,slimgpt log-increase"   # a subset (labels as in VARIANTS)
+    --calib-seed 1 --plan-fraction 1 --sensitivity-tokens 1024   # the auto plan's quality/speed settings
 """
 
 from __future__ import annotations
@@ -18,14 +19,17 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (see slimgpt/__init__.py)
 import torch
 
+import slimgpt.methods.auto_schedule as auto_schedule
 from slimgpt import PruneConfig, load_model, prune_model
 from slimgpt.data import calibration_windows, eval_windows
 from slimgpt.evaluation import TaskSuite, load_tasks, perplexity, plot_kept_ratio, zero_shot
@@ -76,7 +80,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("docs/results/auto_schedule.json"))
     parser.add_argument("--task-limit", type=int, default=100, help="items of each code task (0: no zero-shot)")
     parser.add_argument("--table", default="", help="print the table of these JSON files and stop")
+    parser.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration windows")
+    parser.add_argument("--plan-fraction", type=float, default=auto_schedule.PLAN_FRACTION,
+                        help="auto: fraction of the calibration windows in the planning pass")
+    parser.add_argument("--sensitivity-tokens", type=int, default=auto_schedule.SENSITIVITY_TOKENS,
+                        help="auto: calibration tokens of the sensitivity probes")
     args = parser.parse_args()
+    auto_schedule.PLAN_FRACTION, auto_schedule.SENSITIVITY_TOKENS = args.plan_fraction, args.sensitivity_tokens
     if args.table:
         print(table([{**row, "run": path} for path in args.table.split(",")
                      for row in json.loads(Path(path).read_text())["rows"]]))
@@ -89,7 +99,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for name in args.models.split(","):
         dense, tokenizer = load_model(name, dtype=torch.float32)
-        calibration = calibration_windows(tokenizer, "builtin", args.nsamples, args.seqlen, seed=0)
+        calibration = calibration_windows(tokenizer, "builtin", args.nsamples, args.seqlen, seed=args.calib_seed)
         windows = eval_windows(tokenizer, "builtin", 128)
         windows = windows[torch.linspace(0, len(windows) - 1, min(args.windows, len(windows))).long()]
         rows.append({"model": name, "variant": "dense", "ratio": 0.0, "realised": 0.0, "seconds": 0.0,
@@ -106,6 +116,9 @@ def main() -> None:
                 rows.append(row)
                 write_atomic(args.json, json.dumps({"nsamples": args.nsamples, "seqlen": args.seqlen,
                                                     "windows": args.windows, "task_limit": args.task_limit,
+                                                    "calib_seed": args.calib_seed,
+                                                    "plan_fraction": args.plan_fraction,
+                                                    "sensitivity_tokens": args.sensitivity_tokens,
                                                     "rows": rows}, indent=1) + "\n")  # after every row
                 print(json.dumps({k: v for k, v in row.items() if k not in ("layers", "schedule")}), flush=True)
                 if schedule is not None and row.get("layers"):

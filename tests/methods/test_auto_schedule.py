@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,27 @@ def test_plan_is_deterministic() -> None:
     assert first == second
 
 
+def test_plan_reads_only_the_planning_windows() -> None:
+    """The plan measures the first quarter of the windows (at least the sensitivity windows): changing the
+    others changes nothing, and the report says how many it used."""
+    from slimgpt.methods.auto_schedule import PLAN_FRACTION, SENSITIVITY_TOKENS
+
+    model = make_model("llama")
+    adapter = get_adapter(model.config)
+    windows = calibration(n=24, seqlen=64)
+    config = _config(nsamples=24, seqlen=64)
+    plan = plan_auto(model, adapter, windows, config)
+    sensitivity = SENSITIVITY_TOKENS // 64
+    planning = max(sensitivity, math.ceil(PLAN_FRACTION * 24))
+    assert plan.details["planning_windows"] == planning < 24
+    assert plan.details["sensitivity_windows"] == sensitivity
+    other = windows.clone()
+    other[planning:] = calibration(n=24 - planning, seqlen=64, seed=7)
+    assert plan_auto(model, adapter, other, config) == plan
+    other[planning - 1] = other[planning]
+    assert plan_auto(model, adapter, other, config).details != plan.details
+
+
 def test_prune_reports_the_allocation_and_lands_on_it() -> None:
     model = make_model("llama-gqa")
     before = decoder_params(model, get_adapter(model.config))
@@ -91,28 +113,34 @@ def test_refusals() -> None:
                       0.3, "auto")
 
 
-def test_batched_divergences_match_one_forward_per_probe() -> None:
-    """One batched forward with per-copy hooks gives each probe the KL of its own perturbed forward."""
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt", "opt-post-norm"])
+def test_staircase_divergences_match_one_forward_per_probe(family: str) -> None:
+    """Each probe's copy starts at its own layer from the dense activations (from the FFN half's inputs
+    where they are known) and shares the later layers' calls with the other copies, yet gets the KL of one
+    full forward with only its own module changed."""
     import torch.nn.functional as F
 
-    from slimgpt.methods.auto_schedule import probe_divergences
+    from slimgpt.methods.auto_sensitivity import dense_run, staircase_divergences
 
-    model = make_model("llama")
+    model = make_model(family)
     adapter = get_adapter(model.config)
     layers = adapter.decoder_layers(model)
     g = torch.Generator().manual_seed(0)
-    linears = [adapter.attn_output(layers[0]), adapter.mlp_output(layers[2])]
-    probes = [(linear, 0.05 * torch.randn(linear.weight.shape, generator=g)) for linear in linears]
+    where = [(0, 0), (0, 1), (1, 1), (2, 0), (2, 1)]  # (layer, module): 0 o_proj, 1 down_proj
+    linears = [(adapter.attn_output(layers[i]), adapter.mlp_output(layers[i]))[m] for i, m in where]
+    probes = [(i, m, 0.05 * torch.randn(linear.weight.shape, generator=g))
+              for (i, m), linear in zip(where, linears, strict=True)]
+    config = _config(batch_size=3)
     windows = calibration()[:3]
-    vocab = int(model.get_output_embeddings().weight.shape[0])
     with torch.no_grad():
-        batched = probe_divergences(model, windows, probes, vocab)
-        one_chunk_each = probe_divergences(model, windows, probes, vocab, per_chunk=1)
+        dense = dense_run(model, adapter, calibration(), len(windows), config)  # sensitivity windows: the first 3
+        stair = staircase_divergences(model, adapter, windows, dense, probes, config)
+        chunked = staircase_divergences(model, adapter, windows, dense, probes, _config(batch_size=3), per_call=2)
         p = torch.log_softmax(model(input_ids=windows).logits.float(), -1)
-        for (linear, delta), got, alone in zip(probes, batched, one_chunk_each, strict=True):
+        for linear, (_, _, delta), got, small in zip(linears, probes, stair, chunked, strict=True):
             handle = linear.register_forward_hook(lambda _m, a, out, d=delta: out + F.linear(a[0], d))
             q = torch.log_softmax(model(input_ids=windows).logits.float(), -1)
             handle.remove()
             expected = float((p.exp() * (p - q)).sum()) / windows.numel()
             assert expected > 0
-            assert got == pytest.approx(expected, rel=1e-3) and alone == pytest.approx(expected, rel=1e-3)
+            assert got == pytest.approx(expected, rel=1e-3) and small == pytest.approx(expected, rel=1e-3)

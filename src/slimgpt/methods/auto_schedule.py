@@ -1,7 +1,8 @@
 """SlimGPT's ``--schedule auto``: every layer's head and FFN-channel counts from measured costs.
 
-1. One pass of the calibration windows through the dense model collects every layer's o_proj and
-   down_proj input Hessians (slimgpt.layerwise.capture.dense_input_statistics).
+1. One pass of the first quarter of the calibration windows (``PLAN_FRACTION``, the planning windows)
+   through the dense model collects every layer's o_proj and down_proj input Hessians, and keeps the
+   sensitivity windows' activations (slimgpt.methods.auto_sensitivity.dense_run).
 2. Per layer and module, the OBS cost curve of successive removals along SlimGPT's own greedy path: head
    rounds (grouped-Cholesky scores) and 16 channel steps, up to a fraction min(1, 2.5 ratio + 0.15) of
    the module's units (the allocation never goes further; slimgpt.solver.allocation). A cost is the
@@ -11,6 +12,8 @@
    that module's weight is replaced by its compensated weight at the probe count (the uniform ratio's
    count), divided by the layer-wise cost there. It turns a layer's relative error into predicted
    output divergence, so error in a layer whose output the rest of the model amplifies counts for more.
+   A probe's forward starts at its own layer from the dense activations
+   (slimgpt.methods.auto_sensitivity.staircase_divergences).
 4. A global allocation over all layers and both modules: the least sum of sensitivity x cost whose
    removed parameters land on the goal (slimgpt.solver.allocation.allocate), keeping one attention unit
    and ``round_to`` channels per layer, and FFN widths multiples of ``round_to``.
@@ -22,14 +25,12 @@ resumed run plans the same), and it needs every layer in memory (``--stream`` is
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from slimgpt.config import PruneConfig
-from slimgpt.layerwise.capture import dense_input_statistics
+from slimgpt.methods.auto_sensitivity import DenseRun, Probe, dense_run, staircase_divergences
 from slimgpt.models.adapters import ModelAdapter
 from slimgpt.models.geometry import attention_units, model_geometry
 from slimgpt.solver.allocation import (
@@ -47,8 +48,8 @@ from slimgpt.solver.hessian import InputStatistics, prepare_hessian
 from slimgpt.solver.schedule import AUTO, LayerGeometry, LayerPlan, SchedulePlan
 
 CHANNEL_STEPS = 16  # points of each FFN cost curve
-SENSITIVITY_TOKENS = 1024  # calibration tokens of the sensitivity forwards
-LOGIT_BUDGET = 1 << 27  # logits (floats) of one batched sensitivity forward
+SENSITIVITY_TOKENS = 512  # calibration tokens of the sensitivity probes (the first windows)
+PLAN_FRACTION = 0.25  # of the calibration windows, the first ones, for the planning pass
 REACH = (2.5, 0.15)  # curves reach a fraction min(1, 2.5 ratio + 0.15) of each module's units
 STREAM_REFUSAL = ("--schedule auto measures every layer of the dense model before pruning any, which needs the "
                   "whole model in memory")
@@ -84,72 +85,23 @@ def _on_cpu(curve: CostCurve) -> CostCurve:
     return CostCurve(curve.counts, curve.costs, probe, curve.probe_count)
 
 
-def _forward_log_probs(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    device = next(model.parameters()).device
-    return torch.log_softmax(model(input_ids=batch.to(device), use_cache=False).logits.float(), -1).cpu()
-
-
-Probe = tuple[nn.Linear, torch.Tensor]  # a module and the change of its weight
-
-
-def probe_divergences(model: nn.Module, windows: torch.Tensor, probes: list[Probe], vocab: int,
-                      per_chunk: int | None = None) -> list[float]:
-    """Mean KL(dense || model with one probe's weight change) per token, for every probe.
-
-    One batched forward per chunk of probes: the windows repeated once per probe, and forward hooks that
-    add each probe's change only to its own copy's rows, so a module's change never reaches another copy.
-    The dense reference is one more copy (of the first chunk). Chunks keep the logits within
-    ``LOGIT_BUDGET`` floats (or hold ``per_chunk`` probes).
-    """
-    n, tokens = len(windows), windows.numel()
-    per_chunk = per_chunk or max(1, LOGIT_BUDGET // max(1, tokens * vocab) - 1)
-    reference: torch.Tensor | None = None
-    result: list[float] = []
-    for start in range(0, len(probes), per_chunk):
-        chunk = probes[start:start + per_chunk]
-        offset = 1 if reference is None else 0  # copy 0 of the first chunk is the dense model
-        handles = []
-        for c, (linear, delta) in enumerate(chunk, start=offset):
-            rows = slice(c * n, (c + 1) * n)
-            change = delta.to(linear.weight.device, linear.weight.dtype)
-
-            def perturb(_module: nn.Module, args: tuple[Any, ...], output: torch.Tensor,
-                        rows: slice = rows, change: torch.Tensor = change) -> None:
-                output[rows] += F.linear(args[0][rows], change)
-
-            handles.append(linear.register_forward_hook(perturb))
-        try:
-            log_probs = _forward_log_probs(model, windows.repeat(len(chunk) + offset, 1))
-        finally:
-            for handle in handles:
-                handle.remove()
-        if reference is None:
-            reference = log_probs[:n]
-        p = reference.exp()
-        for c in range(offset, len(chunk) + offset):
-            result.append(float((p * (reference - log_probs[c * n:(c + 1) * n])).sum()) / tokens)
-    return result
-
-
-def _sensitivities(model: nn.Module, adapter: ModelAdapter, calibration: torch.Tensor, config: PruneConfig,
-                   curves: list[tuple[CostCurve, CostCurve]]) -> tuple[list[list[float]], int]:
-    """Per layer, [attention, FFN] output divergence per unit of relative layer-wise error; the windows used."""
-    windows = calibration[:max(1, SENSITIVITY_TOKENS // calibration.shape[1])].long()
+def _sensitivities(model: nn.Module, adapter: ModelAdapter, windows: torch.Tensor, dense: DenseRun,
+                   config: PruneConfig, curves: list[tuple[CostCurve, CostCurve]]) -> list[list[float]]:
+    """Per layer, [attention, FFN] output divergence per unit of relative layer-wise error."""
     probes: list[Probe] = []
     where: list[tuple[int, int, float]] = []  # (layer, module, cost at the probe) of each probe
-    for index, (layer, pair) in enumerate(zip(adapter.decoder_layers(model), curves, strict=True)):
-        for m, (linear, curve) in enumerate(zip((adapter.attn_output(layer), adapter.mlp_output(layer)), pair,
-                                                strict=True)):
+    for index, pair in enumerate(curves):
+        for m, curve in enumerate(pair):
             cost = curve.costs[curve.counts.index(curve.probe_count)] if curve.probe is not None else 0.0
             if curve.probe is not None and cost > 0:
-                probes.append((linear, curve.probe))
+                probes.append((index, m, curve.probe))
                 where.append((index, m, cost))
     weights = [[0.0, 0.0] for _ in curves]
     if probes:
-        vocab = int(model.get_output_embeddings().weight.shape[0])  # type: ignore[operator]
-        for (index, m, cost), kl in zip(where, probe_divergences(model, windows, probes, vocab), strict=True):
+        kls = staircase_divergences(model, adapter, windows, dense, probes, config)
+        for (index, m, cost), kl in zip(where, kls, strict=True):
             weights[index][m] = max(kl, 0.0) / cost
-    return weights, len(windows)
+    return weights
 
 
 @torch.no_grad()
@@ -160,12 +112,15 @@ def plan_auto(model: nn.Module, adapter: ModelAdapter, calibration: torch.Tensor
     if config.ratio == 0:
         zero = [LayerPlan(0.0, 0, 0, 0) for _ in geometries]
         return SchedulePlan(zero, 0.0, 0.0, 0.0, 0.0, AUTO, total, 0, {"method": "nothing to remove"})
-    stats = dense_input_statistics(model, adapter, calibration, config, full=True)
+    n, seqlen = calibration.shape
+    windows = calibration[:max(1, SENSITIVITY_TOKENS // seqlen)].long()
+    planning = calibration[:max(len(windows), math.ceil(PLAN_FRACTION * n))].long()
+    dense = dense_run(model, adapter, planning, len(windows), config)
     curves = []
-    for layer, geometry, layer_stats in zip(adapter.decoder_layers(model), geometries, stats, strict=True):
+    for layer, geometry, layer_stats in zip(adapter.decoder_layers(model), geometries, dense.stats, strict=True):
         curves.append(_layer_curves(layer, adapter, geometry, layer_stats, config))
-    del stats
-    weights, windows = _sensitivities(model, adapter, calibration, config, curves)
+    dense.stats.clear()
+    weights = _sensitivities(model, adapter, windows, dense, config, curves)
     options = []
     for geometry, (attn, ffn), (w_attn, w_ffn) in zip(geometries, curves, weights, strict=True):
         allowed = [c for c in allowed_channel_counts(geometry.ffn_channels, config.round_to) if c <= ffn.counts[-1]]
@@ -181,7 +136,8 @@ def plan_auto(model: nn.Module, adapter: ModelAdapter, calibration: torch.Tensor
     predicted = sum(o.costs[o.counts.index(c)] for o, c in zip(options, counts, strict=True))
     details = {
         "method": "OBS cost curves of the dense layers x KL sensitivity per module, global greedy allocation",
-        "sensitivity_windows": windows, "attn_sensitivity": [w[0] for w in weights],
+        "sensitivity_windows": len(windows), "planning_windows": len(planning),
+        "attn_sensitivity": [w[0] for w in weights],
         "ffn_sensitivity": [w[1] for w in weights], "predicted_kl": predicted,
         "attn_units_removed": [p.attn_units_removed for p in plans],
         "channels_removed": [p.channels_removed for p in plans],
