@@ -57,10 +57,14 @@ def test_plan_is_deterministic() -> None:
     assert first == second
 
 
-def test_plan_reads_only_the_planning_windows() -> None:
-    """The plan measures the first quarter of the windows (at least the sensitivity windows): changing the
-    others changes nothing, and the report says how many it used."""
-    from slimgpt.methods.auto_schedule import PLAN_FRACTION, SENSITIVITY_TOKENS
+def test_plan_reads_only_the_planning_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With PLAN_FRACTION below 1 the plan measures the first windows only (at least the sensitivity
+    windows): changing the others changes nothing, and the report says how many it used."""
+    from slimgpt.methods import auto_schedule
+    from slimgpt.methods.auto_schedule import SENSITIVITY_TOKENS
+
+    monkeypatch.setattr(auto_schedule, "PLAN_FRACTION", 0.25)
+    PLAN_FRACTION = 0.25
 
     model = make_model("llama")
     adapter = get_adapter(model.config)
