@@ -117,9 +117,8 @@ def mirror_lower(matrix: torch.Tensor, block: int = 512) -> None:
 def _factor_in_place(A: torch.Tensor, block: int) -> None:
     """Overwrite the SPD matrix in A's lower triangle by L^-1, in place.
 
-    Only lower blocks are read. On return the diagonal blocks of size <= ``block`` are exactly lower
-    triangular (zeros above), and every block above them is stale: the triangular products above read
-    only the blocks this recursion writes, since they split on the same sizes.
+    Only lower blocks are read, and no block above the diagonal is written but inside the leaves (of
+    size <= ``block``), which are exactly lower triangular on return: what A held above them stays.
     """
     n = A.shape[0]
     if n <= block:
@@ -156,9 +155,9 @@ def inverse_cholesky_factor(matrix: torch.Tensor, block: int = INVERSE_BLOCK) ->
     instead loses a digit at d = 4096. Only the lower triangle of ``matrix`` is read. A matrix that is
     not positive definite fails in a diagonal block's Cholesky and raises NumericalError.
     """
-    out = matrix.clone()
-    _factor_in_place(out, block)
-    return out.tril_()
+    out = matrix.tril()  # the copy to work on, its upper triangle already the factor's zeros
+    _factor_in_place(out, block)  # (it writes no block above the diagonal but the triangular leaves)
+    return out
 
 
 def batched_inverse_factor(blocks: torch.Tensor, block: int = SMALL_BLOCK) -> torch.Tensor:
