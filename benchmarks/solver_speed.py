@@ -70,6 +70,7 @@ def run_ffn(solver: str, W: torch.Tensor, H: torch.Tensor, sizes: list[int]) -> 
     laps, rounds = [], []
     clock = Clock()
     s = make_solver(solver, W, H, compensate=True)
+    s.expect_removals(sum(sizes))  # as remove_channels(s, sizes) does; here a round at a time, to time each
     for size in sizes:
         rounds.append(sorted(remove_channels(s, [size])))
         laps.append(clock.lap())
@@ -87,6 +88,7 @@ def tie_check(W: torch.Tensor, H: torch.Tensor, ref: dict[str, Any], fast: dict[
     errors of the channels only one of them chose are put against each other: a relative gap below float32's
     resolution of these errors (about 1e-5 here) is a tie that either solver may break either way."""
     s = make_solver("fast", W, H, compensate=True)
+    s.expect_removals(sum(len(r) for r in ref["removed_rounds"]))
     first, gap = None, None
     for i, (mine, theirs) in enumerate(zip(fast["removed_rounds"], ref["removed_rounds"], strict=True)):
         if first is None and mine != theirs:
