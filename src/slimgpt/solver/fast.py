@@ -11,9 +11,11 @@ W_R -= W_P Hinv_PP^-1 Hinv_PR = (W_P L_P^-T) F. So after any rounds
     Hinv (over the survivors) = M^T M - C^T C,   M = L^-1 for H = L L^T,   C = [F_1; F_2; ...],
 
 and a round needs only the rows Hinv_P (a p x d product, p = |P|) and, for scoring, the diagonal or
-the diagonal blocks, which are kept up to date at O(d p) a round. The d x d inverse is never formed,
-downdated, masked or symmetrised: per round the work is O(d^2 p) in three GEMMs, against the
-reference's fresh O(d^3) inversion.
+the diagonal blocks, which are kept up to date at O(d p) a round. No d x d matrix is downdated,
+masked or symmetrised per round: the work is O(d^2 p) in three GEMMs, against the reference's fresh
+O(d^3) inversion. When more than a third of the columns is to go as scattered channels
+(``expect_removals``), K = M^T M (the initial inverse) is formed once, n^3 / 3 flops, and replaces M:
+the rows are then a row gather of K minus the C terms, instead of a triangular product with M a round.
 
 With few rounds (heads of 128 columns, 2-4 rounds) the one factorisation is a large share, so it
 runs in GEMMs that skip the triangular factors' zero blocks (linalg.inverse_cholesky_factor, about
