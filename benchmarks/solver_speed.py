@@ -25,6 +25,8 @@ import statistics
 import time
 from typing import Any
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (docs/benchmarks.md section 9)
+
 import torch
 
 from slimgpt.solver.hessian import prepare_hessian
@@ -208,6 +210,10 @@ def table(rows: list[dict[str, Any]]) -> str:
             ref = f">= {r['reference_s']:.1f} (rounds x {r['reference_floor_s']:.1f} s floor)"
         same = "-" if r["same_removed_set"] is None else str(r["same_removed_set"])
         diffs = "-" if r["weight_rel_diff"] is None else f"{r['weight_rel_diff']:.1e} / {r['weight_max_rel_diff']:.1e}"
+        if r.get("first_differing_round") is not None:  # a tie: the weights compared on the reference's sets
+            same = f"False: tie in round {r['first_differing_round']} (gap {r['boundary_rel_gap']:.1e})"
+            diffs = (f"{r['weight_rel_diff_on_reference_sets']:.1e} / {r['weight_max_rel_diff_on_reference_sets']:.1e}"
+                     " on the reference's sets")
         speedup = (">= " if "reference_floor_s" in r else "") + f"{r['speedup']:.1f}x"
         lines.append(f"| {r['layer']} | {r['ratio']:.0%} | {r['schedule']} | {r['rounds']} | {ref} | "
                      f"{r['fast_s']:.3f} | **{speedup}** | {r['speedup_wall']:.1f}x | {same} | {diffs} |")
