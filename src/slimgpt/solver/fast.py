@@ -44,8 +44,8 @@ from slimgpt.solver.linalg import (
 # The weight update skips removed columns while they form at most this many ranges (heads), not else (FFN).
 MAX_RUNS = 16
 # Scattered columns take their rows from K = Hinv (formed once, n^3 / 3 flops) instead of from M (about
-# n^2 flops a column) when more than this fraction of the columns is to go (measured: K is 11% faster on
-# down_proj 1024 x 2752 at 50%, 3% slower on 2048 x 5504 at 20%).
+# n^2 flops a column) when more than this fraction of the columns is to go (measured: 12-15% faster on
+# down_proj 1024 x 2752 at 50%, 2-4% slower on 2048 x 5504 at 20%; docs/benchmarks.md section 1).
 ROWS_FROM_INVERSE = 1 / 3
 
 
