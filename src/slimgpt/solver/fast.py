@@ -11,9 +11,11 @@ W_R -= W_P Hinv_PP^-1 Hinv_PR = (W_P L_P^-T) F. So after any rounds
     Hinv (over the survivors) = M^T M - C^T C,   M = L^-1 for H = L L^T,   C = [F_1; F_2; ...],
 
 and a round needs only the rows Hinv_P (a p x d product, p = |P|) and, for scoring, the diagonal or
-the diagonal blocks, which are kept up to date at O(d p) a round. The d x d inverse is never formed,
-downdated, masked or symmetrised: per round the work is O(d^2 p) in three GEMMs, against the
-reference's fresh O(d^3) inversion.
+the diagonal blocks, which are kept up to date at O(d p) a round. No d x d matrix is downdated,
+masked or symmetrised per round: the work is O(d^2 p) in three GEMMs, against the reference's fresh
+O(d^3) inversion. When more than a third of the columns is to go as scattered channels
+(``expect_removals``), K = M^T M (the initial inverse) is formed once, n^3 / 3 flops, and replaces M:
+the rows are then a row gather of K minus the C terms, instead of a triangular product with M a round.
 
 With few rounds (heads of 128 columns, 2-4 rounds) the one factorisation is a large share, so it
 runs in GEMMs that skip the triangular factors' zero blocks (linalg.inverse_cholesky_factor, about
@@ -33,12 +35,18 @@ from slimgpt.solver.linalg import (
     INVERSE_BLOCK,
     batched_inverse_factor,
     block_scores,
+    gram_of_lower,
     inverse_cholesky_factor,
+    mirror_lower,
     times_lower,
 )
 
 # The weight update skips removed columns while they form at most this many ranges (heads), not else (FFN).
 MAX_RUNS = 16
+# Scattered columns take their rows from K = Hinv (formed once, n^3 / 3 flops) instead of from M (about
+# n^2 flops a column) when more than this fraction of the columns is to go (measured: 12-15% faster on
+# down_proj 1024 x 2752 at 50%, 2-4% slower on 2048 x 5504 at 20%; docs/benchmarks.md section 1).
+ROWS_FROM_INVERSE = 1 / 3
 
 
 def _contiguous_starts(units: torch.Tensor) -> list[int] | None:
@@ -52,7 +60,8 @@ def _contiguous_starts(units: torch.Tensor) -> list[int] | None:
 class FastSolver(Solver):
     """Exact downdates of Hinv instead of re-inversion (docs/paper.md section 6), as low-rank factors.
 
-    State: ``_w`` the compensated full weight (removed columns zero), ``_M`` = L^-1 (lower triangular),
+    State: ``_w`` the compensated full weight (removed columns zero), ``_M`` = L^-1 (lower triangular;
+    replaced by ``_K`` = M^T M when scattered columns are first asked for),
     ``_C`` the stacked downdate factors ([T, d], T columns removed so far), ``_diag`` = diag(Hinv) over
     the survivors (formed on the first ``channel_errors``: the head rounds never need it), and per
     units tensor the cached diagonal blocks Hinv[u, u].
@@ -62,7 +71,9 @@ class FastSolver(Solver):
         super().__init__(weight, hessian, compensate)
         d = weight.shape[1]
         self._w = weight.to(self.dtype).clone()  # [d_out, d]
-        self._M = inverse_cholesky_factor(hessian.to(self.dtype))  # [d, d], Hinv = M^T M
+        self._M: torch.Tensor | None = inverse_cholesky_factor(hessian.to(self.dtype))  # [d, d], Hinv = M^T M
+        self._K: torch.Tensor | None = None  # Hinv = M^T M itself, formed (and M dropped) for scattered columns
+        self._use_inverse = False  # whether scattered columns form K (expect_removals)
         self._C = self._w.new_empty(0, d)  # [T, d] downdate factors (capacity grows by doubling)
         self._T = 0
         self._diag: torch.Tensor | None = None  # diag(Hinv), formed on first use (FFN rounds only)
@@ -77,10 +88,33 @@ class FastSolver(Solver):
     def pruned(self) -> torch.Tensor:
         return self._pruned
 
+    def _factor(self) -> torch.Tensor:
+        """M = L^-1 (the head rounds' state until scattered columns are first asked for)."""
+        assert self._M is not None
+        return self._M
+
+    def expect_removals(self, columns: int) -> None:
+        if self._T + columns > ROWS_FROM_INVERSE * self._w.shape[1]:
+            self._use_inverse = True
+
+    def _initial_inverse(self) -> torch.Tensor:
+        """K = M^T M, the inverse Hessian before any removal, formed once and kept instead of M.
+
+        Scattered columns (FFN channels, many rounds) then take their rows Hinv[P, :] as one row gather of
+        K a round instead of a triangular product with M: n^3 / 3 flops once (linalg.gram_of_lower), and
+        diag(Hinv) is K's diagonal. Head rounds (few, each one head of consecutive columns) keep M: their
+        rows and blocks from M cost less than forming K, and so do scattered columns when fewer than a
+        third of them are to go (``expect_removals``)."""
+        if self._K is None:
+            self._K = gram_of_lower(self._factor())
+            mirror_lower(self._K)
+            self._M = None
+        return self._K
+
     def inverse(self) -> torch.Tensor:
         """Full-size inverse over the survivors, removed columns decoupled (for tests: O(d^3))."""
         C = self._C[:self._T]
-        full = self._M.mT @ self._M - C.mT @ C
+        full = (self._K if self._K is not None else self._factor().mT @ self._factor()) - C.mT @ C
         full[self._pruned, :] = 0
         full[:, self._pruned] = 0
         full[self._pruned, self._pruned] = 1
@@ -89,21 +123,24 @@ class FastSolver(Solver):
     def _rows(self, columns: torch.Tensor, start: int | None) -> torch.Tensor:
         """Hinv[P, :] over the survivors ([p, d], zero at removed columns); ``columns`` sorted.
 
-        M is lower triangular, so column j of M is zero above row j: (M^T M)[P_c, :] needs only M's rows
-        from min(P_c) on. A head (``start``: its first column, the columns consecutive) is one slice of
-        M, and the product with the triangular part M[s:, s:] skips its zero blocks; scattered columns
-        (FFN channels) go in chunks, each from its own first row, which halves the work against one
-        product from row min(P).
+        From M (lower triangular, so column j of M is zero above row j): (M^T M)[P, :] needs only M's
+        rows from min(P) on, in a product whose triangular part skips its zero blocks; a head
+        (``start``: its first column, the columns consecutive) is one slice, scattered columns go in
+        chunks. Or, once K is formed (``_initial_inverse``), a row gather of K.
         """
-        rows = self._M.new_empty(len(columns), self._M.shape[1])
-        if start is not None:
-            self._rows_from(start, self._M[start:, start:start + len(columns)].mT, rows)
+        if self._M is not None and (start is not None or not self._use_inverse):
+            M = self._M
+            rows = M.new_empty(len(columns), M.shape[1])
+            if start is not None:
+                self._rows_from(start, M[start:, start:start + len(columns)].mT, rows)
+            else:  # in chunks, each from its own first row: half the work of one product from row min(P)
+                done = 0
+                for chunk in columns.tensor_split(max(1, min(8, len(columns) // 32))):
+                    c = int(chunk[0])
+                    self._rows_from(c, M[c:, chunk].mT, rows[done:done + len(chunk)])
+                    done += len(chunk)
         else:
-            done = 0
-            for chunk in columns.tensor_split(max(1, min(8, len(columns) // 32))):
-                c = int(chunk[0])
-                self._rows_from(c, self._M[c:, chunk].mT, rows[done:done + len(chunk)])
-                done += len(chunk)
+            rows = self._initial_inverse().index_select(0, columns)
         if self._T:
             C = self._C[:self._T]
             C_P = C[:, start:start + len(columns)] if start is not None else C[:, columns]
@@ -113,9 +150,10 @@ class FastSolver(Solver):
 
     def _rows_from(self, s: int, M_P: torch.Tensor, out: torch.Tensor) -> None:
         """out = (M^T M)[P_c, :] from M_P = M[s:, P_c]^T, the columns P_c >= s (M is zero above row s there)."""
+        M = self._factor()
         if s:
-            out[:, :s].addmm_(M_P, self._M[s:, :s], beta=0)
-        times_lower(M_P, self._M[s:, s:], out[:, s:], INVERSE_BLOCK)  # M[s:, s:] is lower triangular
+            out[:, :s].addmm_(M_P, M[s:, :s], beta=0)
+        times_lower(M_P, M[s:, s:], out[:, s:], INVERSE_BLOCK)  # M[s:, s:] is lower triangular
 
     def _reserve(self, p: int) -> torch.Tensor:
         """The next p rows of the stacked factors C ([p, d]), doubling the buffer when full."""
@@ -136,7 +174,7 @@ class FastSolver(Solver):
         columns = columns.to(self._pruned.device).sort().values  # the set matters, not its order
         if columns.numel() == 0:
             return
-        if bool(self._pruned[columns].any()) or len(torch.unique(columns)) != len(columns):
+        if bool(self._pruned[columns].any()) or bool((columns[1:] == columns[:-1]).any()):
             raise ValueError("a column is already removed (or given twice); each column can go once")
         found = _contiguous_starts(columns[None])
         start = found[0] if found is not None else None
@@ -144,7 +182,7 @@ class FastSolver(Solver):
         rows_P = rows[:, start:start + len(columns)] if start is not None else rows[:, columns]
         # Hinv_PP = L_P L_P^T; N = L_P^-1 explicitly (p x p), so that both products below are GEMMs
         N = inverse_cholesky_factor(rows_P) if len(columns) > 2 * INVERSE_BLOCK else \
-            batched_inverse_factor(rows_P[None])[0]
+            batched_inverse_factor(rows_P[None], INVERSE_BLOCK)[0]  # one LAPACK call up to 128
         F = self._reserve(len(columns))
         torch.mm(N, rows, out=F)  # [p, d]: L_P^-1 Hinv_P
         if self.compensate:
@@ -163,8 +201,10 @@ class FastSolver(Solver):
             self._diag -= F.square().sum(0)  # diag(F^T F)
 
     def channel_errors(self) -> torch.Tensor:
-        if self._diag is None:  # diag(M^T M - C^T C); square().sum(0) reads rows, unlike a column norm
-            self._diag = self._M.square().sum(0) - self._C[:self._T].square().sum(0)
+        if self._diag is None:  # diag(K - C^T C); square().sum(0) reads rows, unlike a column norm
+            K = self._initial_inverse() if self._use_inverse or self._K is not None else None
+            self._diag = (K.diagonal() if K is not None else self._factor().square().sum(0)) - \
+                self._C[:self._T].square().sum(0)
         errors = self._w.square().sum(0) / self._diag
         errors[self._pruned] = math.inf
         return errors
@@ -177,9 +217,14 @@ class FastSolver(Solver):
         else:
             starts = _contiguous_starts(units)
             g = units.shape[1]
-            slabs = [self._M[a:, a:a + g] for a in starts] if starts is not None else \
-                [self._M[int(u.min()):, u] for u in units]  # each [rows, g]: M's nonzero part of M[:, u]
-            blocks, folded = torch.stack([s.mT @ s for s in slabs]), 0
+            if self._M is None:
+                blocks = self._initial_inverse()[units[:, :, None], units[:, None, :]]
+            else:
+                M = self._M
+                slabs = [M[a:, a:a + g] for a in starts] if starts is not None else \
+                    [M[int(u.min()):, u] for u in units]  # each [rows, g]: M's nonzero part of M[:, u]
+                blocks = torch.stack([s.mT @ s for s in slabs])
+            folded = 0
         if folded < self._T:
             new = self._C[folded:self._T][:, units]  # [t, n_units, g]
             blocks -= torch.einsum("tug,tuh->ugh", new, new)

@@ -63,24 +63,62 @@ def times_lower(X: torch.Tensor, T: torch.Tensor, out: torch.Tensor, block: int)
     out[:, :h].addmm_(X[:, h:], T[h:, :h])
 
 
-def _downdate_lower(C: torch.Tensor, A: torch.Tensor, block: int) -> None:
-    """C -= A A^T on C's lower blocks only (the upper ones are never read)."""
+def _downdate_lower(C: torch.Tensor, A: torch.Tensor, block: int, alpha: float = -1) -> None:
+    """C += alpha A A^T on C's lower blocks only (the upper ones are never read)."""
     n = C.shape[0]
     if n <= block:
-        C.addmm_(A, A.mT, alpha=-1)
+        C.addmm_(A, A.mT, alpha=alpha)
         return
     h = _split(n)
-    _downdate_lower(C[:h, :h], A[:h], block)
-    _downdate_lower(C[h:, h:], A[h:], block)
-    C[h:, :h].addmm_(A[h:], A[:h].mT, alpha=-1)
+    _downdate_lower(C[:h, :h], A[:h], block, alpha)
+    _downdate_lower(C[h:, h:], A[h:], block, alpha)
+    C[h:, :h].addmm_(A[h:], A[:h].mT, alpha=alpha)
+
+
+def _gram_lower(M: torch.Tensor, out: torch.Tensor, block: int) -> None:
+    """out = M^T M on out's lower blocks, M lower triangular: with M = [[A, 0], [B, C]],
+
+        M^T M = [[A^T A + B^T B, B^T C], [C^T B, C^T C]],
+
+    two recursions, one symmetric product and one with the triangular C (about n^3 / 3 flops in all)."""
+    n = M.shape[0]
+    if n <= block:
+        out.addmm_(M.mT, M, beta=0)
+        return
+    k = _split(n)
+    _gram_lower(M[:k, :k], out[:k, :k], block)
+    _downdate_lower(out[:k, :k], M[k:, :k].mT, block, alpha=1)
+    times_lower(M[k:, :k].mT, M[k:, k:], out[k:, :k].mT, block)  # (C^T B)^T = B^T C
+    _gram_lower(M[k:, k:], out[k:, k:], block)
+
+
+def gram_of_lower(M: torch.Tensor, block: int = INVERSE_BLOCK) -> torch.Tensor:
+    """The lower triangle of M^T M for a lower-triangular M (H^-1 from M = L^-1), in GEMMs that skip the
+    zero blocks: about n^3 / 3 flops, against 2 n^3 / 3 for one product that skips only M's zeros.
+
+    The strict upper triangle is zero except inside the recursion's diagonal blocks (there it is the
+    product's); ``mirror_lower`` makes the whole symmetric matrix when a caller needs it.
+    """
+    out = torch.zeros_like(M)
+    _gram_lower(M, out, block)
+    return out
+
+
+def mirror_lower(matrix: torch.Tensor, block: int = 512) -> None:
+    """Copy the lower triangle onto the upper one in place, one block row at a time (no second matrix)."""
+    n = matrix.shape[0]
+    for a in range(0, n, block):
+        b = min(a + block, n)
+        diagonal = matrix[a:b, a:b]
+        diagonal.copy_(diagonal.tril() + diagonal.tril(-1).mT)
+        matrix[a:b, b:] = matrix[b:, a:b].mT
 
 
 def _factor_in_place(A: torch.Tensor, block: int) -> None:
     """Overwrite the SPD matrix in A's lower triangle by L^-1, in place.
 
-    Only lower blocks are read. On return the diagonal blocks of size <= ``block`` are exactly lower
-    triangular (zeros above), and every block above them is stale: the triangular products above read
-    only the blocks this recursion writes, since they split on the same sizes.
+    Only lower blocks are read, and no block above the diagonal is written but inside the leaves (of
+    size <= ``block``), which are exactly lower triangular on return: what A held above them stays.
     """
     n = A.shape[0]
     if n <= block:
@@ -117,9 +155,9 @@ def inverse_cholesky_factor(matrix: torch.Tensor, block: int = INVERSE_BLOCK) ->
     instead loses a digit at d = 4096. Only the lower triangle of ``matrix`` is read. A matrix that is
     not positive definite fails in a diagonal block's Cholesky and raises NumericalError.
     """
-    out = matrix.clone()
-    _factor_in_place(out, block)
-    return out.tril_()
+    out = matrix.tril()  # the copy to work on, its upper triangle already the factor's zeros
+    _factor_in_place(out, block)  # (it writes no block above the diagonal but the triangular leaves)
+    return out
 
 
 def batched_inverse_factor(blocks: torch.Tensor, block: int = SMALL_BLOCK) -> torch.Tensor:

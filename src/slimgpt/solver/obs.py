@@ -16,7 +16,8 @@ Two solvers give the same result (tested):
 - ``FastSolver`` (``solver/fast.py``) factors H once (M = L^-1, Hinv = M^T M) and then applies the
   Schur complement Hinv_RR <- Hinv_RR - Hinv_RP Hinv_PP^-1 Hinv_PR (exactly the inverse of H_RR) as a
   stacked low-rank factor, Hinv = M^T M - C^T C, with the block update above. O(d^2 |P|) per round, and
-  no d x d matrix is formed, masked or symmetrised per round.
+  no d x d matrix is downdated, masked or symmetrised per round (M^T M is formed once when many
+  scattered channels are to go).
 """
 
 from __future__ import annotations

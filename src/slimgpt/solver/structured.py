@@ -86,6 +86,7 @@ def group_sizes(total: int, schedule: str = "halving", start: int = 1024, floor:
 def remove_channels(solver: Solver, sizes: list[int]) -> list[int]:
     """Remove single columns in groups of the given sizes, cheapest OBS error first each round."""
     removed: list[int] = []
+    solver.expect_removals(sum(sizes))
     for size in sizes:
         errors = solver.channel_errors()
         chosen = torch.topk(errors, size, largest=False).indices
