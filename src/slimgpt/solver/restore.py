@@ -25,6 +25,12 @@ import torch
 from slimgpt.errors import NumericalError
 
 
+def column_indices(keep: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``keep`` as a 1-D index tensor on ``device``: indices as they are, a boolean mask as its True places."""
+    indices = keep.to(device)
+    return indices.nonzero().flatten() if indices.dtype == torch.bool else indices
+
+
 def restore_least_squares(weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor,
                           damp: float = 0.01) -> torch.Tensor:
     """W' with W'[:, M] = W H[:, M] (H[M, M] + lam I)^-1 and the removed columns zero.
@@ -39,9 +45,7 @@ def restore_least_squares(weight: torch.Tensor, hessian: torch.Tensor, keep: tor
     d_in = weight.shape[1]
     if hessian.shape != (d_in, d_in):
         raise ValueError(f"H has shape {tuple(hessian.shape)}, W has {d_in} input columns")
-    kept = keep.to(weight.device)
-    if kept.dtype == torch.bool:
-        kept = kept.nonzero().flatten()
+    kept = column_indices(keep, weight.device)
     W = weight.to(torch.float64, copy=True)
     H = hessian.to(weight.device, torch.float64).clone()
     dead = H.diagonal() == 0

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from slimgpt.errors import NumericalError
+from slimgpt.solver.restore import column_indices
 
 CHECK_EVERY = 10  # rounds between two checks of the marginals (a check costs as much as a round)
 
@@ -160,9 +161,7 @@ def merge_columns(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, 
     n = weight.shape[1]
     if gram.shape != (n, n):
         raise ValueError(f"the Gram matrix has shape {tuple(gram.shape)}, W has {n} input columns")
-    targets = keep.to(weight.device)
-    if targets.dtype == torch.bool:
-        targets = targets.nonzero().flatten()
+    targets = column_indices(keep, weight.device)
     merged = torch.zeros(weight.shape, dtype=torch.float64, device=weight.device)
     if targets.numel() == 0:
         return merged.to(weight.dtype), SinkhornResult(torch.zeros(n, 0, dtype=torch.float64), 0, 0.0, 0.0)
