@@ -46,15 +46,15 @@ a machine shared with other benchmarks), plus ~3 minutes of tokenizing calibrati
 training split, seed 0. Evaluation: 160 128-token and 40 512-token windows spread evenly over the
 held-out split, and the first 100 items of each task.
 
-Budget, SmolLM2-135M (english protocol): 54 rows, Table 1 at 20% and 50% (23 rows with dense) first.
+Budget, SmolLM2-135M (english protocol): 57 rows (54 without DISP-LLM, which is not run on it: see
+docs/results/peers.md), Table 1 at 20% and 50% first.
 Calibration: 32 windows of 256 tokens of the English calibration chapters, seed 0. Evaluation: 100
 128-token and 25 512-token windows spread evenly over the eval chapters; zero-shot on the first 100
 items of each English task for Table 1's rows only (the ablation tables are judged on perplexity, as
-their claims are). Measured: the dense row costs 720 CPU-seconds (55 min of wall time at load 33 on 2
-cores), most of it the 800 zero-shot requests, i.e. about 8-10 minutes per Table 1 row on 2 idle cores:
-about 4 h for Table 1 at 20% and 50% and 6-7 h for all rows, more than the 2.5 h it was meant to fit.
-Zero-shot ``--limit 50`` with 64 + 16 perplexity windows would fit Table 1 at 20% and 50% into ~2.5 h
-at half the resolution (docs/results/smollm2.md).
+their claims are). Measured with OpenMP's passive waits (benchmarks/omp_wait.py) on 2 shared cores at
+load 2-7: a Table 1 row (pruning, both perplexities, 800 zero-shot requests) 93-350 s, SlimGPT auto
+about 7 min, an ablation row 47-80 s: about 1.9 h for the 54 rows (docs/results/smollm2.md). With
+spinning waits on a saturated machine the same rows took 10-55 min each.
 """
 
 from __future__ import annotations
@@ -351,12 +351,12 @@ def machine(threads: int) -> dict[str, Any]:
 
 
 def print_header(args: argparse.Namespace, options: Options, plan: Plan, n_rows: int, n_todo: int) -> None:
-    # Measured with 2 threads: a tiny-model row ~30 s of wall time on average; a SmolLM2 Table 1 row
-    # about 12 CPU-minutes (docs/results/smollm2.md).
+    # Measured with 2 threads and passive OpenMP waits: a tiny-model row 10-30 s of wall time; a SmolLM2
+    # Table 1 row 93-350 s, an ablation row 47-80 s (docs/results/smollm2.md).
     print(f"SlimGPT paper tables on {', '.join(options.models)}: tables {','.join(options.tables)}")
     todo = "none (--render-only)" if args.render_only else f"{n_todo} of {n_rows} rows to run (the rest cached)"
     print(f"CPU time budget: {todo} on {args.threads} threads; tiny models ~30 s/row (70 rows, 35-45 min for "
-          "both), smollm2-135m ~8-10 min per Table 1 row on 2 quiet cores, ~55 min at load 30.")
+          "both), smollm2-135m ~2-3 min per Table 1 row and ~1 min per ablation row on 2 cores.")
     for model in options.protocols:
         protocol = options.protocol(model)
         calib, nsamples, seqlen = options.calibration(model)
