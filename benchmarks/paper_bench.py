@@ -14,6 +14,7 @@ import ctypes.util
 import hashlib
 import io
 import os
+import tempfile
 import threading
 import time
 import tokenize
@@ -341,8 +342,6 @@ def bits_back_sizes(model: torch.nn.Module, report: Any, bench: ModelBench) -> d
     """Save the sliced ``model`` and export it with bits-back coding at each of ``BITS_BACK_DTYPES``: per
     precision, the safetensors and bits-back bytes and what was saved (``BitsBackSummary``), and whether
     the decoded tensors' SHA-256 checked out (``load_bits_back`` raises if not)."""
-    import tempfile
-
     from bits_back import cast_copy
 
     from slimgpt.export import bitsback
