@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (see slimgpt/__init__.py)
+
 import torch
 
 from slimgpt import PruneConfig, load_model, prune_model

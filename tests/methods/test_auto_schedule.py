@@ -82,6 +82,23 @@ def test_plan_reads_only_the_planning_windows(monkeypatch: pytest.MonkeyPatch) -
     assert plan_auto(model, adapter, other, config).details != plan.details
 
 
+def test_plan_windows_stop_at_enough_tokens_per_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    """However many calibration windows there are, the planning pass reads only as many as hold
+    PLAN_TOKENS_PER_INPUT tokens per input of the widest o_proj / down_proj."""
+    from slimgpt.methods import auto_schedule
+
+    model = make_model("llama")
+    adapter = get_adapter(model.config)
+    widest = max(max(adapter.attn_output(layer).in_features, adapter.mlp_output(layer).in_features)
+                 for layer in adapter.decoder_layers(model))
+    monkeypatch.setattr(auto_schedule, "PLAN_TOKENS_PER_INPUT", 2)
+    monkeypatch.setattr(auto_schedule, "SENSITIVITY_TOKENS", 16)
+    windows = calibration(n=40, seqlen=16)
+    plan = plan_auto(model, adapter, windows, _config(nsamples=40, seqlen=16))
+    assert plan.details["sensitivity_windows"] == 1
+    assert plan.details["planning_windows"] == math.ceil(2 * widest / 16) < 40
+
+
 def test_prune_reports_the_allocation_and_lands_on_it() -> None:
     model = make_model("llama-gqa")
     before = decoder_params(model, get_adapter(model.config))

@@ -128,6 +128,28 @@ def test_input_statistics_running_mean() -> None:
     assert torch.allclose(diag.diagonal, stats.diagonal, atol=1e-5)
 
 
+@pytest.mark.parametrize("width", [257, 300])
+def test_wide_inputs_accumulate_a_triangle_and_read_the_whole_hessian(width: int) -> None:
+    """From TRIANGLE_FROM inputs on only the lower triangle is accumulated; the Hessian read is still the
+    symmetric mean of 2 x x^T, also when it is read between batches and when the width does not split evenly."""
+    from slimgpt.solver.hessian import TRIANGLE_FROM
+
+    assert width >= TRIANGLE_FROM
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 40, width, generator=g, dtype=torch.float64).float()
+    stats = InputStatistics(width, "cpu")
+    assert stats.lower_only
+    for i, part in enumerate(x):
+        stats.add(part)
+        seen = x[:i + 1].reshape(-1, width).double()
+        expected = 2 * seen.t() @ seen / seen.shape[0]
+        H = stats.hessian
+        assert torch.equal(H, H.t())
+        assert float((H.double() - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
+    narrow = InputStatistics(TRIANGLE_FROM - 1, "cpu")
+    assert not narrow.lower_only
+
+
 def test_dead_inputs_are_zeroed_and_decoupled() -> None:
     W, _, H = _layer(d_in=8)
     H = H.float().clone()

@@ -1,6 +1,7 @@
 """SlimGPT's ``--schedule auto``: every layer's head and FFN-channel counts from measured costs.
 
-1. One pass of the calibration windows (``PLAN_FRACTION`` of them, the first: the planning windows)
+1. One pass of the planning windows (the first calibration windows: ``PLAN_FRACTION`` of them, and no
+   more than hold ``PLAN_TOKENS_PER_INPUT`` tokens per input of the widest o_proj or down_proj)
    through the dense model collects every layer's o_proj and down_proj input Hessians, and keeps the
    sensitivity windows' activations (slimgpt.methods.auto_sensitivity.dense_run).
 2. Per layer and module, the OBS cost curve of successive removals along SlimGPT's own greedy path: head
@@ -53,6 +54,9 @@ SENSITIVITY_TOKENS = 512  # calibration tokens of the sensitivity probes (the fi
 # models, but on SmolLM2-135M at 20% it gave 39.60 PPL against 37.17 with every window (32 x 256 tokens;
 # docs/results/auto_schedule.md): a 1536-wide FFN Hessian from 2048 tokens is too noisy to rank channels.
 PLAN_FRACTION = 1.0
+# ... and no more windows than hold this many tokens per input of the widest Hessian: enough to rank the
+# channels (SmolLM2-135M's 1536-wide FFN: 9216 tokens, every window of its 32 x 256; of 128 x 512, 18).
+PLAN_TOKENS_PER_INPUT = 6
 REACH = (2.5, 0.15)  # curves reach a fraction min(1, 2.5 ratio + 0.15) of each module's units
 STREAM_REFUSAL = ("--schedule auto measures every layer of the dense model before pruning any, which needs the "
                   "whole model in memory")
@@ -117,7 +121,10 @@ def plan_auto(model: nn.Module, adapter: ModelAdapter, calibration: torch.Tensor
         return SchedulePlan(zero, 0.0, 0.0, 0.0, 0.0, AUTO, total, 0, {"method": "nothing to remove"})
     n, seqlen = calibration.shape
     windows = calibration[:max(1, SENSITIVITY_TOKENS // seqlen)].long()
-    planning = calibration[:max(len(windows), math.ceil(PLAN_FRACTION * n))].long()
+    widest = max(max(adapter.attn_output(layer).in_features, adapter.mlp_output(layer).in_features)
+                 for layer in adapter.decoder_layers(model))
+    enough = math.ceil(PLAN_TOKENS_PER_INPUT * widest / seqlen)
+    planning = calibration[:max(len(windows), min(math.ceil(PLAN_FRACTION * n), enough))].long()
     dense = dense_run(model, adapter, planning, len(windows), config)
     curves = []
     for layer, geometry, layer_stats in zip(adapter.decoder_layers(model), geometries, dense.stats, strict=True):

@@ -24,6 +24,7 @@ from torch import nn
 from slimgpt.config import PruneConfig
 from slimgpt.layerwise.capture import capture_layer_inputs, collect_inputs, run_batches
 from slimgpt.layerwise.distributed import reduce_statistics
+from slimgpt.methods.auto_divergence import TopKDivergence, linear_head, run_given
 from slimgpt.models.adapters import ModelAdapter
 from slimgpt.solver.hessian import InputStatistics
 
@@ -85,32 +86,6 @@ def dense_run(model: nn.Module, adapter: ModelAdapter, windows: torch.Tensor, ke
         run.attn_inputs.append(torch.cat(kept[2]))
         run.final = torch.cat(kept[3])
     return run
-
-
-class _Given(nn.Module):
-    """Stands in for all decoder layers: returns the given hidden states, so the model's forward runs only
-    its embeddings, final norm and head on them."""
-
-    def __init__(self, hidden: torch.Tensor) -> None:
-        super().__init__()
-        self.hidden = hidden
-
-    def forward(self, hidden_states: torch.Tensor, *_args: Any, **_kwargs: Any) -> torch.Tensor:
-        return self.hidden.to(hidden_states.device, hidden_states.dtype)
-
-
-def _head_log_probs(model: nn.Module, windows: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """Next-token log-probabilities [n, S, vocab] of the last decoder layer's outputs ``hidden`` [n, S, d]
-    (n a multiple of the windows)."""
-    decoder = model.get_decoder()  # type: ignore[operator]
-    layers = decoder.layers
-    decoder.layers = nn.ModuleList([_Given(hidden)])
-    try:
-        device = next(model.parameters()).device
-        batch = windows.repeat(len(hidden) // len(windows), 1).to(device)
-        return torch.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), -1).cpu()
-    finally:
-        decoder.layers = layers
 
 
 Probe = tuple[int, int, torch.Tensor]  # a layer index, its module (0: o_proj, 1: down_proj), the weight change
@@ -221,16 +196,29 @@ def _through_layer(layer: nn.Module, adapter: ModelAdapter, streams: list[_Strea
 
 def _divergences(model: nn.Module, windows: torch.Tensor, reference: torch.Tensor,
                  streams: list[torch.Tensor]) -> list[float]:
-    """Mean per-token KL of each stream's next-token distribution from the reference's; heads in chunks of
-    at most ``LOGIT_BUDGET`` logits."""
+    """Mean per-token KL of each stream's next-token distribution from the reference's: from the streams'
+    final hidden states through the dense head's top tokens where the head is linear
+    (slimgpt.methods.auto_divergence), else through the whole head, in chunks of at most ``LOGIT_BUDGET``
+    logits."""
     tokens = windows.numel()
     vocab = int(model.get_output_embeddings().weight.shape[0])  # type: ignore[operator]
-    dense = _head_log_probs(model, windows, reference)
-    p = dense.exp()
     per_chunk = max(1, LOGIT_BUDGET // max(1, tokens * vocab))
+    logits = run_given(model, windows, reference, head=True)
+    final = run_given(model, windows, reference, head=False).flatten(0, 1)
+    head = linear_head(model, final, logits.flatten(0, 1))
+    if head is not None:
+        divergence = TopKDivergence(head[0], final, logits.flatten(0, 1))
+        finals: list[torch.Tensor] = []
+        for start in range(0, len(streams), per_chunk):
+            out = run_given(model, windows, torch.cat(streams[start:start + per_chunk]), head=False)
+            finals += [x.flatten(0, 1) for x in out.split(len(windows))]
+        return divergence(finals)
+    dense = torch.log_softmax(logits, -1).cpu()
+    p = dense.exp()
     result: list[float] = []
     for start in range(0, len(streams), per_chunk):
-        log_probs = _head_log_probs(model, windows, torch.cat(streams[start:start + per_chunk]))
+        log_probs = torch.log_softmax(run_given(model, windows, torch.cat(streams[start:start + per_chunk]),
+                                                head=True), -1).cpu()
         for c in range(len(streams[start:start + per_chunk])):
             result.append(float((p * (dense - log_probs[c * len(windows):(c + 1) * len(windows)])).sum()) / tokens)
     return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 from typing import TypeVar
@@ -14,6 +15,10 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_DAMPING = 1.0  # x mean(diag(H)): the last damping tried before giving up
+# Wider inputs accumulate only H's lower triangle, in this many block rows (about (1 + 1/4) / 2 of the
+# full product's multiply-adds), and mirror it when H is read; narrower ones take one full product.
+TRIANGLE_BLOCKS = 4
+TRIANGLE_FROM = 256
 
 
 class InputStatistics:
@@ -21,7 +26,8 @@ class InputStatistics:
 
     Keeps the mean of 2 x x^T (the OBS Hessian H of the layer-wise squared error, in float32 as the
     authors do), and the per-feature mean, which the FLAP baseline needs. ``full=False`` keeps only
-    the diagonal (enough for Wanda-sp and FLAP, and d_in times cheaper).
+    the diagonal (enough for Wanda-sp and FLAP, and d_in times cheaper). From ``TRIANGLE_FROM`` inputs on,
+    a batch adds only the lower triangle (x^T x is symmetric) and ``hessian`` mirrors it when read.
     """
 
     def __init__(self, d_in: int, device: torch.device | str, full: bool = True) -> None:
@@ -30,6 +36,7 @@ class InputStatistics:
         shape = (d_in, d_in) if full else (d_in,)
         self.second_moment = torch.zeros(shape, dtype=torch.float32, device=device)
         self.sum = torch.zeros(d_in, dtype=torch.float32, device=device)
+        self.lower_only = full and d_in >= TRIANGLE_FROM
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
@@ -43,7 +50,10 @@ class InputStatistics:
             previous = torch.backends.cuda.matmul.allow_tf32
             torch.backends.cuda.matmul.allow_tf32 = False  # TF32 would cost ~3 digits in H
             try:
-                self.second_moment.addmm_(x.t(), x, alpha=2.0 / total)
+                if self.lower_only:
+                    _add_lower_gram(self.second_moment, x, 2.0 / total)
+                else:
+                    self.second_moment.addmm_(x.t(), x, alpha=2.0 / total)
             finally:
                 torch.backends.cuda.matmul.allow_tf32 = previous
         else:
@@ -55,6 +65,9 @@ class InputStatistics:
     def hessian(self) -> torch.Tensor:
         if not self.full:
             raise RuntimeError("this accumulator keeps only the diagonal; construct it with full=True")
+        if self.lower_only:  # the upper triangle from the lower one (idempotent)
+            lower = torch.tril(self.second_moment, -1)
+            self.second_moment.tril_().add_(lower.t())
         return self.second_moment
 
     @property
@@ -70,6 +83,14 @@ class InputStatistics:
     def variance(self) -> torch.Tensor:
         """Per-feature variance over tokens (FLAP's fluctuation)."""
         return (self.diagonal / 2 - self.mean.square()).clamp_min(0)
+
+
+def _add_lower_gram(target: torch.Tensor, x: torch.Tensor, alpha: float) -> None:
+    """target's lower triangle (and some blocks above it) += alpha x^T x, one product per block row."""
+    d = x.shape[1]
+    bounds = [round(i * d / TRIANGLE_BLOCKS) for i in range(TRIANGLE_BLOCKS + 1)]
+    for start, end in itertools.pairwise(bounds):
+        target[start:end, :end].addmm_(x[:, start:end].t(), x[:, :end], alpha=alpha)
 
 
 def prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor, percdamp: float) -> torch.Tensor:
