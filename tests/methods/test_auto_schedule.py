@@ -134,14 +134,24 @@ def test_refusals() -> None:
                       0.3, "auto")
 
 
+@pytest.mark.parametrize("head", ["whole", "top tokens"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "opt", "opt-post-norm"])
-def test_staircase_divergences_match_one_forward_per_probe(family: str) -> None:
+def test_staircase_divergences_match_one_forward_per_probe(family: str, head: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Each probe's copy starts at its own layer from the dense activations (from the FFN half's inputs
     where they are known) and shares the later layers' calls with the other copies, yet gets the KL of one
-    full forward with only its own module changed."""
+    full forward with only its own module changed; also through the top-token KL (every token of these
+    small vocabularies among the top ones, so exact)."""
     import torch.nn.functional as F
 
+    from slimgpt.methods import auto_sensitivity
     from slimgpt.methods.auto_sensitivity import dense_run, staircase_divergences
+
+    used: list[int] = []
+    if head == "top tokens":
+        monkeypatch.setattr(auto_sensitivity, "TOP_VOCAB", 0)
+        real = auto_sensitivity.TopKDivergence
+        monkeypatch.setattr(auto_sensitivity, "TopKDivergence", lambda *a: used.append(1) or real(*a))
 
     model = make_model(family)
     adapter = get_adapter(model.config)
@@ -165,3 +175,4 @@ def test_staircase_divergences_match_one_forward_per_probe(family: str) -> None:
             expected = float((p.exp() * (p - q)).sum()) / windows.numel()
             assert expected > 0
             assert got == pytest.approx(expected, rel=1e-3) and small == pytest.approx(expected, rel=1e-3)
+    assert bool(used) == (head == "top tokens")

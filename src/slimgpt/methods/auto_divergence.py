@@ -62,7 +62,8 @@ def run_given(model: nn.Module, windows: torch.Tensor, hidden: torch.Tensor, *, 
 
 def linear_head(model: nn.Module, final: torch.Tensor,
                 logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """The head's (W, b) in float32 if the dense ``logits`` are W final + b to float32 rounding, else None."""
+    """The head's (W, b) in float32 if the dense ``logits`` are W final + b up to the head dtype's rounding,
+    else None."""
     head = model.get_output_embeddings()  # type: ignore[operator]
     if not isinstance(head, nn.Linear):
         return None
@@ -71,8 +72,9 @@ def linear_head(model: nn.Module, final: torch.Tensor,
     if final.shape[-1] != weight.shape[1]:
         return None
     mine = F.linear(final.to(weight.device), weight, None if bias is None else bias)
-    scale = float(logits.abs().max())
-    if not bool(torch.isfinite(mine).all()) or float((mine.cpu() - logits.cpu()).abs().max()) > 1e-4 * max(scale, 1.0):
+    scale = max(float(logits.abs().max()), 1.0)
+    rounding = max(1e-4, 2 * torch.finfo(head.weight.dtype).eps)  # a bfloat16 head rounds its logits
+    if not bool(torch.isfinite(mine).all()) or float((mine.cpu() - logits.cpu()).abs().max()) > rounding * scale:
         return None
     return weight, bias
 
