@@ -76,6 +76,12 @@ def calibration(n: int = 8, seqlen: int = 32, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, seqlen), generator=generator)
 
 
+def rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> bool:
+    """max |actual - expected| within ``rel`` of expected's scale (its largest magnitude)."""
+    actual, expected = actual.detach(), expected.detach()
+    return float((actual - expected).abs().max()) <= rel * float(expected.abs().max())
+
+
 def probe(seed: int = 2) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (2, 24), generator=generator)

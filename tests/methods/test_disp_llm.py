@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import assert_refuses_padded_export_and_stream, calibration, make_model, probe
+from conftest import assert_refuses_padded_export_and_stream, calibration, make_model, probe, rel_close
 from slimgpt import PruneConfig, prune_model, save_pruned
 from slimgpt.errors import ConfigError, UnsupportedModelError
 from slimgpt.methods import get_method
@@ -27,10 +27,6 @@ def _config(**overrides: object) -> PruneConfig:
     values: dict[str, object] = dict(method="disp-llm", ratio=0.3, nsamples=8, seqlen=32, batch_size=2)
     values.update(overrides)
     return PruneConfig(**values)  # type: ignore[arg-type]
-
-
-def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> bool:
-    return float((a - b).abs().max().detach()) <= rel * float(b.abs().max().detach())
 
 
 def _prune(family: str, **kwargs: object) -> tuple[torch.nn.Module, DispLLMMethod, object]:
@@ -73,7 +69,7 @@ def test_export_equals_masked_model_hits_the_size_and_reloads(family: str, tmp_p
     assert abs(report.decoder_params_after - target) <= report.schedule["granularity"] / 2  # type: ignore[attr-defined]
     x = probe()
     logits = model(x).logits
-    assert _close(logits, _masked(family, method)(x).logits)
+    assert rel_close(logits, _masked(family, method)(x).logits)
     out = save_pruned(model, tokenizer, report, tmp_path / "out")  # type: ignore[arg-type]
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert reloaded.config.model_type == f"slimgpt_disp_{make_model(family).config.model_type}"
@@ -93,7 +89,7 @@ def test_half_the_model_and_the_sets_are_independent_per_block() -> None:
     index = model.config.disp_index
     assert len(index) == 3 and all(len(sets) == 5 for sets in index)
     assert any(sets[0] != sets[1] for sets in index)  # a block reads other dims than it writes
-    assert _close(model(probe()).logits, _masked("llama-gqa", method)(probe()).logits)
+    assert rel_close(model(probe()).logits, _masked("llama-gqa", method)(probe()).logits)
 
 
 def test_masks_are_deterministic_with_a_seed() -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import FAMILIES, assert_stream_matches_memory, calibration, make_model, probe
+from conftest import FAMILIES, assert_stream_matches_memory, calibration, make_model, probe, rel_close
 from slimgpt import PruneConfig, prune_model, save_pruned
 from slimgpt.errors import ConfigError
 from slimgpt.methods import Decision, PruneJob, get_method
@@ -26,12 +26,6 @@ def _config(**overrides: object) -> PruneConfig:
     values: dict[str, object] = dict(method="dotresize", ratio=0.2, nsamples=8, seqlen=32, batch_size=4)
     values.update(overrides)
     return PruneConfig(**values)  # type: ignore[arg-type]
-
-
-def _close(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> bool:
-    """max |actual - expected| within ``rel`` of expected's scale (its largest magnitude)."""
-    actual, expected = actual.detach(), expected.detach()
-    return float((actual - expected).abs().max()) <= rel * float(expected.abs().max())
 
 
 def test_dotresize_is_registered_with_its_texts() -> None:
@@ -67,13 +61,13 @@ def test_target_size_one_width_and_save_reload_identical(family: str, tmp_path, 
     assert f"{width} of" in report.ratio_convention
     x = probe()
     logits = model(x).logits
-    assert not _close(dense(x).logits, logits, 1e-3)  # something was really merged away
+    assert not rel_close(dense(x).logits, logits, 1e-3)  # something was really merged away
     out = save_pruned(model, tokenizer, report, tmp_path / "out")
     saved = json.loads((out / "config.json").read_text())
     assert saved["model_type"] == dense.config.model_type  # uniform width, all heads: a stock config
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(reloaded) is type(dense)
-    assert _close(reloaded(x).logits, logits, 1e-6)
+    assert rel_close(reloaded(x).logits, logits, 1e-6)
     assert sum(p.numel() for p in reloaded.parameters()) == report.total_params_after
     assert "(dotresize)" in (out / "README.md").read_text()
 
@@ -105,7 +99,7 @@ def test_the_decision_keeps_the_largest_activations_and_folds_the_plan_into_down
     assert float((P.sum(0) - 1 / 15).abs().sum()) <= 1e-8  # marginals: every target takes 24/15 neurons' mass
     expected = torch.zeros_like(job.weight)
     expected[:, keep] = (job.weight.double() @ (24 * P)).float()
-    assert _close(decision.weight, expected, 1e-4)  # the method stops at a marginal error of 1e-6
+    assert rel_close(decision.weight, expected, 1e-4)  # the method stops at a marginal error of 1e-6
     assert float(decision.weight[:, ~keep].abs().max()) == 0.0
     assert decision.info["sinkhorn_marginal_error"] <= 1e-6
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import FAMILIES, calibration, make_model, probe
+from conftest import FAMILIES, calibration, make_model, probe, rel_close
 from slimgpt import PruneConfig, prune_model, save_pruned
 from slimgpt.errors import ConfigError
 from slimgpt.layerwise.run import LayerHooks
@@ -38,10 +38,6 @@ def _params(model: torch.nn.Module, dims: list[int]) -> int:
     return sum(sliced_layer_params(adapter, layer, layer_widths(dims, i)) for i, layer in enumerate(layers))
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> bool:
-    return bool((a - b).abs().max() <= rel * b.abs().max())
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_full_width_keeps_the_function(family: str) -> None:
     model = make_model(family)
@@ -49,7 +45,7 @@ def test_full_width_keeps_the_function(family: str) -> None:
     method = DynamicSlicingMethod(_config(ratio=0.0), width=model.config.hidden_size)
     method.run(model, calibration(), ModelRun(progress=False))
     x = probe()
-    assert _close(model(x).logits, dense(x).logits)
+    assert rel_close(model(x).logits, dense(x).logits)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import FAMILIES, assert_stream_matches_memory, calibration, make_model, probe
+from conftest import FAMILIES, assert_stream_matches_memory, calibration, make_model, probe, rel_close
 from slimgpt import PruneConfig, prune_model, save_pruned
 from slimgpt.methods import get_method
 from slimgpt.methods.fasp import FASPMethod, fasp_scores
@@ -26,12 +26,6 @@ def _config(**overrides: object) -> PruneConfig:
     values: dict[str, object] = dict(method="fasp", ratio=0.2, nsamples=8, seqlen=32, batch_size=4)
     values.update(overrides)
     return PruneConfig(**values)  # type: ignore[arg-type]
-
-
-def _close(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> bool:
-    """max |actual - expected| within ``rel`` of expected's scale (its largest magnitude)."""
-    actual, expected = actual.detach(), expected.detach()
-    return float((actual - expected).abs().max()) <= rel * float(expected.abs().max())
 
 
 def _slack(model: torch.nn.Module, decoder_params: int) -> float:
@@ -53,7 +47,7 @@ def test_ratio_zero_changes_nothing(family: str) -> None:
     dense = model(x).logits
     report = prune_model(model, _config(ratio=0.0), calibration(), progress=False)
     assert all(row.heads_kept == row.heads_total and row.ffn_kept == row.ffn_total for row in report.layers)
-    assert _close(model(x).logits, dense, 1e-6)
+    assert rel_close(model(x).logits, dense, 1e-6)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -74,9 +68,9 @@ def test_target_size_and_save_reload_identical(family: str, ratio: float, tmp_pa
     out = save_pruned(model, tokenizer, report, tmp_path / "out")
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(reloaded).__name__.startswith("Slim")
-    assert _close(reloaded(x).logits, logits, 1e-6)
+    assert rel_close(reloaded(x).logits, logits, 1e-6)
     assert sum(p.numel() for p in reloaded.parameters()) == report.total_params_after
-    assert not _close(dense(x).logits, logits, 1e-3)  # something was really removed
+    assert not rel_close(dense(x).logits, logits, 1e-3)  # something was really removed
     card = (out / "README.md").read_text()
     assert "(fasp)" in card and report.ratio_convention in card
 
@@ -99,7 +93,7 @@ def test_fasp_score_is_the_column_sum_of_wanda_scores() -> None:
     units = torch.arange(6).view(3, 2)
     expected = torch.tensor([sum(abs(W[i, j]) * X[:, j].norm() for i in range(5) for j in unit)
                              for unit in units.tolist()])
-    assert _close(fasp_scores(W, diagonal, 40, units), expected.to(torch.float64), 1e-12)
+    assert rel_close(fasp_scores(W, diagonal, 40, units), expected.to(torch.float64), 1e-12)
 
 
 def _problem(seed: int = 0, d_out: int = 7, d_in: int = 12, tokens: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,12 +116,12 @@ def test_restoration_is_the_least_squares_optimum(damp: float) -> None:
     expected = torch.zeros_like(W)
     expected[:, keep] = torch.linalg.lstsq(A, b).solution.t()
     restored = restore_least_squares(W, H, keep, damp=damp)
-    assert _close(restored, expected, 1e-9)
+    assert rel_close(restored, expected, 1e-9)
     mask = torch.zeros(W.shape[1], dtype=torch.bool)
     mask[keep] = True
     assert torch.equal(restore_least_squares(W, H, mask, damp=damp), restored)  # a mask means the same
     assert restored.dtype == W.dtype
-    assert _close(restore_least_squares(W.float(), H.float(), keep, damp=damp), expected, 1e-5)  # float32 in
+    assert rel_close(restore_least_squares(W.float(), H.float(), keep, damp=damp), expected, 1e-5)  # float32 in
 
 
 def test_restoration_zeroes_dead_inputs_and_keeps_a_full_set_without_damping() -> None:
@@ -137,7 +131,7 @@ def test_restoration_zeroes_dead_inputs_and_keeps_a_full_set_without_damping() -
     restored = restore_least_squares(W, H, torch.arange(W.shape[1]), damp=0.0)
     expected = W.clone()
     expected[:, 4] = 0
-    assert _close(restored, expected, 1e-9)  # keeping everything reproduces W (the dead column cannot matter)
+    assert rel_close(restored, expected, 1e-9)  # keeping everything reproduces W (the dead column cannot matter)
 
 
 def _random_pd(d: int, seed: int) -> torch.Tensor:
@@ -159,7 +153,7 @@ def test_restoration_reproduces_slimgpt_heads(solver: str, dtype: torch.dtype) -
     keep = torch.ones(32, dtype=torch.bool)
     keep[units[removed].flatten()] = False
     restored = restore_least_squares(W.to(dtype), H.to(dtype), keep, damp=0.0)
-    assert _close(restored, state.weight, 1e-10 if dtype == torch.float64 else 1e-4)
+    assert rel_close(restored, state.weight, 1e-10 if dtype == torch.float64 else 1e-4)
 
 
 @pytest.mark.parametrize("solver", ["fast", "reference"])
@@ -172,7 +166,7 @@ def test_restoration_reproduces_slimgpt_ffn_channels(solver: str) -> None:
     removed = remove_channels(state, group_sizes(20, "halving", start=8, floor=2))
     keep = torch.ones(48, dtype=torch.bool)
     keep[removed] = False
-    assert _close(restore_least_squares(W, H, keep, damp=0.0), state.weight, 1e-10)
+    assert rel_close(restore_least_squares(W, H, keep, damp=0.0), state.weight, 1e-10)
 
 
 def test_cli_prunes_with_fasp_and_the_output_reloads(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import assert_refuses_padded_export_and_stream, calibration, make_model, probe
+from conftest import assert_refuses_padded_export_and_stream, calibration, make_model, probe, rel_close
 from slimgpt import PruneConfig, prune_model, save_pruned
 from slimgpt.errors import ConfigError, UnsupportedModelError
 from slimgpt.methods import get_method
@@ -26,10 +26,6 @@ def _config(**overrides: object) -> PruneConfig:
     values: dict[str, object] = dict(method="modegpt", ratio=0.2, nsamples=8, seqlen=32, batch_size=4)
     values.update(overrides)
     return PruneConfig(**values)  # type: ignore[arg-type]
-
-
-def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> bool:
-    return float((a - b).abs().max()) <= rel * float(b.abs().max())
 
 
 @pytest.mark.parametrize("family", LLAMA_LIKE)
@@ -77,7 +73,7 @@ def test_value_output_at_full_rank_is_exact() -> None:
     for ridge in (0.0, 1e-2):
         v_new, o_new = low_rank_vo(Wv, Wo, C, hd, ridge)
         for o, o2 in zip(Wo, o_new, strict=True):
-            assert _close(o2 @ v_new, o @ Wv, rel=1e-9)
+            assert rel_close(o2 @ v_new, o @ Wv, rel=1e-9)
 
 
 def test_value_output_low_rank_is_the_weighted_svd_optimum() -> None:
@@ -106,12 +102,12 @@ def test_ffn_refit_equals_least_squares() -> None:
     H = 2 * X.T @ X / len(X)
     fitted = restore_least_squares(W, H, keep, damp=0.0)
     reference = torch.linalg.lstsq(X[:, keep], X @ W.T).solution.T
-    assert _close(fitted[:, keep], reference, rel=1e-9)
+    assert rel_close(fitted[:, keep], reference, rel=1e-9)
     assert float(fitted[:, [i for i in range(20) if i not in keep]].abs().max()) == 0
     lam = 0.05 * float(H.diagonal().mean())
     ridge = torch.linalg.solve(H[keep][:, keep] + lam * torch.eye(len(keep), dtype=torch.float64),
                                (W @ H[:, keep]).T).T
-    assert _close(restore_least_squares(W, H, keep, damp=0.05)[:, keep], ridge, rel=1e-9)
+    assert rel_close(restore_least_squares(W, H, keep, damp=0.05)[:, keep], ridge, rel=1e-9)
 
 
 def test_the_method_refits_down_proj_and_beats_dropping() -> None:
