@@ -54,9 +54,10 @@ SENSITIVITY_TOKENS = 512  # calibration tokens of the sensitivity probes (the fi
 # models, but on SmolLM2-135M at 20% it gave 39.60 PPL against 37.17 with every window (32 x 256 tokens;
 # docs/results/auto_schedule.md): a 1536-wide FFN Hessian from 2048 tokens is too noisy to rank channels.
 PLAN_FRACTION = 1.0
-# ... and no more windows than hold this many tokens per input of the widest Hessian: enough to rank the
-# channels (SmolLM2-135M's 1536-wide FFN: 9216 tokens, every window of its 32 x 256; of 128 x 512, 18).
-PLAN_TOKENS_PER_INPUT = 6
+# ... and no more windows than hold this many tokens per input of the widest Hessian (SmolLM2-135M's
+# 1536-wide FFN: 24,576 tokens, every window of 32 x 256, 48 of 128 x 512, where all 128 gave 34.43 PPL at
+# 20%, 48 34.46 and 18 (6 per input) 35.56; docs/results/auto_schedule.md).
+PLAN_TOKENS_PER_INPUT = 16
 REACH = (2.5, 0.15)  # curves reach a fraction min(1, 2.5 ratio + 0.15) of each module's units
 STREAM_REFUSAL = ("--schedule auto measures every layer of the dense model before pruning any, which needs the "
                   "whole model in memory")
