@@ -38,6 +38,7 @@ from slimgpt.solver.linalg import (
     gram_of_lower,
     inverse_cholesky_factor,
     mirror_lower,
+    padded_empty,
     times_lower,
 )
 
@@ -57,6 +58,22 @@ def _contiguous_starts(units: torch.Tensor) -> list[int] | None:
     return None
 
 
+def _adjacent(starts: list[int], g: int) -> list[tuple[int, int]]:
+    """Ranges [i, j) of units that lie side by side (unit i + 1 starts where unit i ends), in order."""
+    runs: list[list[int]] = []
+    for i, a in enumerate(starts):
+        if runs and a == starts[i - 1] + g:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return [(i, j) for i, j in runs]
+
+
+def _unit_views(matrix: torch.Tensor, start: int, count: int, g: int) -> torch.Tensor:
+    """The columns of ``count`` side-by-side units from ``start`` as a batch [count, rows, g], in place."""
+    return matrix[:, start:start + count * g].unflatten(1, (count, g)).transpose(0, 1)
+
+
 class FastSolver(Solver):
     """Exact downdates of Hinv instead of re-inversion (docs/paper.md section 6), as low-rank factors.
 
@@ -70,7 +87,8 @@ class FastSolver(Solver):
     def __init__(self, weight: torch.Tensor, hessian: torch.Tensor, compensate: bool) -> None:
         super().__init__(weight, hessian, compensate)
         d = weight.shape[1]
-        self._w = weight.to(self.dtype).clone()  # [d_out, d]
+        self._w = padded_empty(weight.shape[0], d, self.dtype, weight.device)  # [d_out, d], rows padded
+        self._w.copy_(weight)
         self._M: torch.Tensor | None = inverse_cholesky_factor(hessian.to(self.dtype))  # [d, d], Hinv = M^T M
         self._K: torch.Tensor | None = None  # Hinv = M^T M itself, formed (and M dropped) for scattered columns
         self._use_inverse = False  # whether scattered columns form K (expect_removals)
@@ -93,9 +111,12 @@ class FastSolver(Solver):
         assert self._M is not None
         return self._M
 
-    def expect_removals(self, columns: int) -> None:
-        if self._T + columns > ROWS_FROM_INVERSE * self._w.shape[1]:
+    def expect_removals(self, columns: int, units: bool = False) -> None:
+        """Scattered columns: form K when many are to go (ROWS_FROM_INVERSE). Either way the downdate
+        factors get room for them now (no buffer grown and copied a round)."""
+        if not units and self._T + columns > ROWS_FROM_INVERSE * self._w.shape[1]:
             self._use_inverse = True
+        self._reserve(max(0, min(columns, self._w.shape[1] - self._T)))
 
     def _initial_inverse(self) -> torch.Tensor:
         """K = M^T M, the inverse Hessian before any removal, formed once and kept instead of M.
@@ -159,7 +180,8 @@ class FastSolver(Solver):
         """The next p rows of the stacked factors C ([p, d]), doubling the buffer when full."""
         need = self._T + p
         if need > self._C.shape[0]:
-            grown = self._C.new_empty(max(need, 2 * self._C.shape[0]), self._C.shape[1])
+            C = self._C
+            grown = padded_empty(max(need, 2 * C.shape[0]), C.shape[1], C.dtype, C.device)
             grown[:self._T] = self._C[:self._T]
             self._C = grown
         return self._C[self._T:need]
@@ -182,20 +204,20 @@ class FastSolver(Solver):
         rows_P = rows[:, start:start + len(columns)] if start is not None else rows[:, columns]
         # Hinv_PP = L_P L_P^T; N = L_P^-1 explicitly (p x p), so that both products below are GEMMs
         N = inverse_cholesky_factor(rows_P) if len(columns) > 2 * INVERSE_BLOCK else \
-            batched_inverse_factor(rows_P[None], INVERSE_BLOCK)[0]  # one LAPACK call up to 128
+            batched_inverse_factor(rows_P[None])[0]
         F = self._reserve(len(columns))
         torch.mm(N, rows, out=F)  # [p, d]: L_P^-1 Hinv_P
+        self._pruned[columns] = True
         if self.compensate:
             W_P = self._w[:, start:start + len(columns)] if start is not None else self._w[:, columns]
             W_P = W_P @ N.mT  # W_P L_P^-T
-            runs = self._live_runs()  # OBS block update; F is zero on removed columns, so skip them
+            runs = self._live_runs()  # OBS block update of the survivors (F is zero on removed columns)
             for a, b in runs if len(runs) <= MAX_RUNS else [(0, self._w.shape[1])]:  # (heads: few runs)
                 self._w[:, a:b].addmm_(W_P, F[:, a:b], alpha=-1)
         if start is not None:
             self._w[:, start:start + len(columns)] = 0
         else:
             self._w[:, columns] = 0
-        self._pruned[columns] = True
         self._T += len(columns)
         if self._diag is not None:
             self._diag -= F.square().sum(0)  # diag(F^T F)
@@ -226,10 +248,23 @@ class FastSolver(Solver):
                 blocks = torch.stack([s.mT @ s for s in slabs])
             folded = 0
         if folded < self._T:
-            new = self._C[folded:self._T][:, units]  # [t, n_units, g]
-            blocks -= torch.einsum("tug,tuh->ugh", new, new)
+            self._fold(units, blocks, self._C[folded:self._T])
         self._blocks = (units.clone(), blocks, self._T)
         return blocks
+
+    @staticmethod
+    def _fold(units: torch.Tensor, blocks: torch.Tensor, new: torch.Tensor) -> None:
+        """blocks[u] -= new[:, u]^T new[:, u] (the factors added since the blocks were last brought up to date);
+        side-by-side units read ``new`` in place, one batched GEMM a run, others through a gather."""
+        starts = _contiguous_starts(units)
+        if starts is None:
+            gathered = new[:, units]  # [t, n_units, g]
+            blocks -= torch.einsum("tug,tuh->ugh", gathered, gathered)
+            return
+        g = units.shape[1]
+        for i, j in _adjacent(starts, g):
+            view = _unit_views(new, starts[i], j - i, g)  # [j - i, t, g]
+            blocks[i:j].baddbmm_(view.mT, view, alpha=-1)
 
     def unit_scores(self, units: torch.Tensor, alive: torch.Tensor, mode: str) -> torch.Tensor:
         units = units.to(self._pruned.device)
@@ -256,14 +291,6 @@ class FastSolver(Solver):
         starts = _contiguous_starts(units)
         if starts is None:
             return torch.stack([self._w[:, u].mT @ self._w[:, u] for u in units])
-        runs: list[list[int]] = []
-        for a in starts:
-            if runs and a == runs[-1][-1] + g:
-                runs[-1].append(a)
-            else:
-                runs.append([a])
-        grams = []
-        for run in runs:
-            view = self._w[:, run[0]:run[-1] + g].unflatten(1, (len(run), g)).transpose(0, 1)  # [r, d_out, g]
-            grams.append(view.mT @ view)
+        views = [_unit_views(self._w, starts[i], j - i, g) for i, j in _adjacent(starts, g)]  # [r, d_out, g]
+        grams = [view.mT @ view for view in views]
         return grams[0] if len(grams) == 1 else torch.cat(grams)
