@@ -9,8 +9,6 @@ its flops in GEMMs.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from slimgpt.errors import NumericalError
@@ -105,7 +103,7 @@ def gram_of_lower(M: torch.Tensor, block: int = INVERSE_BLOCK) -> torch.Tensor:
     The strict upper triangle is zero except inside the recursion's diagonal blocks (there it is the
     product's); ``mirror_lower`` makes the whole symmetric matrix when a caller needs it.
     """
-    out = torch.zeros_like(M)
+    out = padded_empty(M.shape[0], M.shape[1], M.dtype, M.device).zero_()
     _gram_lower(M, out, block)
     return out
 
@@ -230,26 +228,26 @@ def batched_inverse_factor(blocks: torch.Tensor, block: int = SMALL_BLOCK) -> to
     Choleskys are checked once at the end (a few dozen fewer small ops a call: at these sizes each op's
     overhead is a good part of the time).
     """
-    checks: list[torch.Tensor] = []
-    out = _batched_factor(blocks, block, checks)
-    if not bool(torch.cat(checks).isfinite().all()):
+    infos: list[torch.Tensor] = []
+    out = _batched_factor(blocks, block, infos)
+    if bool(torch.stack(infos).any()) or not bool(out.isfinite().all()):
         raise NumericalError(NOT_PD)
     return out
 
 
-def _batched_factor(blocks: torch.Tensor, block: int, checks: list[torch.Tensor]) -> torch.Tensor:
-    """``batched_inverse_factor`` without the check; each leaf appends its Cholesky factor's diagonal to
-    ``checks`` (made NaN where LAPACK reported a failure)."""
+def _batched_factor(blocks: torch.Tensor, block: int, infos: list[torch.Tensor]) -> torch.Tensor:
+    """``batched_inverse_factor`` without the check; each leaf appends LAPACK's ``info`` ([U]) to ``infos``
+    (a failed leaf leaves garbage that the final finiteness check may miss, but never a zero info)."""
     n = blocks.shape[-1]
     if n <= block:
         L, info = torch.linalg.cholesky_ex(blocks)
-        checks.append(L.diagonal(dim1=-2, dim2=-1).masked_fill((info != 0)[:, None], math.nan).flatten())
+        infos.append(info)
         eye = torch.eye(n, dtype=blocks.dtype, device=blocks.device).expand_as(blocks)
         return torch.linalg.solve_triangular(L, eye, upper=False)
     k = n // 2
-    M11 = _batched_factor(blocks[:, :k, :k], block, checks)
+    M11 = _batched_factor(blocks[:, :k, :k], block, infos)
     L21 = blocks[:, k:, :k] @ M11.mT
-    M22 = _batched_factor(torch.baddbmm(blocks[:, k:, k:], L21, L21.mT, alpha=-1), block, checks)
+    M22 = _batched_factor(torch.baddbmm(blocks[:, k:, k:], L21, L21.mT, alpha=-1), block, infos)
     out = blocks.new_empty(blocks.shape)
     out[:, :k, :k] = M11
     out[:, :k, k:] = 0
