@@ -96,7 +96,8 @@ class FastSolver(Solver):
         self._T = 0
         self._diag: torch.Tensor | None = None  # diag(Hinv), formed on first use (FFN rounds only)
         self._pruned = torch.zeros(d, dtype=torch.bool, device=weight.device)
-        self._blocks: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (units, blocks, T folded in)
+        # (units, their starts if contiguous, blocks, T folded in)
+        self._blocks: tuple[torch.Tensor, list[int] | None, torch.Tensor, int] | None = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -231,11 +232,12 @@ class FastSolver(Solver):
         errors[self._pruned] = math.inf
         return errors
 
-    def _unit_blocks(self, units: torch.Tensor) -> torch.Tensor:
-        """Hinv[u, u] for every unit ([n_units, g, g]), cached and brought up to date with new factors."""
+    def _unit_blocks(self, units: torch.Tensor) -> tuple[torch.Tensor, list[int] | None]:
+        """Hinv[u, u] for every unit ([n_units, g, g]), cached and brought up to date with new factors; and
+        each unit's first column if all are contiguous (``_contiguous_starts``, cached with them)."""
         cached = self._blocks
         if cached is not None and cached[0].shape == units.shape and torch.equal(cached[0], units):
-            blocks, folded = cached[1], cached[2]
+            starts, blocks, folded = cached[1], cached[2], cached[3]
         else:
             starts = _contiguous_starts(units)
             g = units.shape[1]
@@ -248,15 +250,14 @@ class FastSolver(Solver):
                 blocks = torch.stack([s.mT @ s for s in slabs])
             folded = 0
         if folded < self._T:
-            self._fold(units, blocks, self._C[folded:self._T])
-        self._blocks = (units.clone(), blocks, self._T)
-        return blocks
+            self._fold(units, starts, blocks, self._C[folded:self._T])
+        self._blocks = (units.clone(), starts, blocks, self._T)
+        return blocks, starts
 
     @staticmethod
-    def _fold(units: torch.Tensor, blocks: torch.Tensor, new: torch.Tensor) -> None:
+    def _fold(units: torch.Tensor, starts: list[int] | None, blocks: torch.Tensor, new: torch.Tensor) -> None:
         """blocks[u] -= new[:, u]^T new[:, u] (the factors added since the blocks were last brought up to date);
         side-by-side units read ``new`` in place, one batched GEMM a run, others through a gather."""
-        starts = _contiguous_starts(units)
         if starts is None:
             gathered = new[:, units]  # [t, n_units, g]
             blocks -= torch.einsum("tug,tuh->ugh", gathered, gathered)
@@ -268,7 +269,7 @@ class FastSolver(Solver):
 
     def unit_scores(self, units: torch.Tensor, alive: torch.Tensor, mode: str) -> torch.Tensor:
         units = units.to(self._pruned.device)
-        blocks = self._unit_blocks(units)  # [n_units, g, g]
+        blocks, starts = self._unit_blocks(units)  # [n_units, g, g]
         # Units with a removed column cannot go again, whatever ``alive`` says.
         live = (alive & ~self._pruned[units].any(1).cpu()).nonzero().flatten()
         scores = torch.full((len(units),), math.inf, dtype=self.dtype)
@@ -282,13 +283,14 @@ class FastSolver(Solver):
         # tr(W_P B^-1 W_P^T) = tr(N W_P^T W_P N^T) with B = L L^T, N = L^-1: the Grams come from W in
         # place (heads are contiguous), and N from GEMMs instead of LAPACK's small potrf/potri.
         N = batched_inverse_factor(live_blocks)  # [U, g, g]
-        scores[live] = (N * (N @ self._grams(live_units))).sum((1, 2)).cpu()
+        live_starts = None if starts is None else [starts[i] for i in live.tolist()]
+        scores[live] = (N * (N @ self._grams(live_units, live_starts))).sum((1, 2)).cpu()
         return scores
 
-    def _grams(self, units: torch.Tensor) -> torch.Tensor:
-        """W_u^T W_u for each unit ([U, g, g]): one batched GEMM per run of adjacent heads, read in place."""
+    def _grams(self, units: torch.Tensor, starts: list[int] | None) -> torch.Tensor:
+        """W_u^T W_u for each unit ([U, g, g]): one batched GEMM per run of adjacent heads (``starts``: each
+        unit's first column, the units contiguous), read in place."""
         g = units.shape[1]
-        starts = _contiguous_starts(units)
         if starts is None:
             return torch.stack([self._w[:, u].mT @ self._w[:, u] for u in units])
         views = [_unit_views(self._w, starts[i], j - i, g) for i, j in _adjacent(starts, g)]  # [r, d_out, g]

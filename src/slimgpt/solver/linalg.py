@@ -242,8 +242,7 @@ def _batched_factor(blocks: torch.Tensor, block: int, infos: list[torch.Tensor])
     if n <= block:
         L, info = torch.linalg.cholesky_ex(blocks)
         infos.append(info)
-        eye = torch.eye(n, dtype=blocks.dtype, device=blocks.device).expand_as(blocks)
-        return torch.linalg.solve_triangular(L, eye, upper=False)
+        return torch.linalg.solve_triangular(L, _eye_like(blocks, n), upper=False)  # (the identity broadcasts)
     k = n // 2
     M11 = _batched_factor(blocks[:, :k, :k], block, infos)
     L21 = blocks[:, k:, :k] @ M11.mT
