@@ -92,3 +92,28 @@ def test_heads_hint_reserves_the_factors_and_keeps_M(dtype: torch.dtype) -> None
     # scattered channels after the heads still take their own path (the hint for heads set nothing for them)
     assert sorted(remove_channels(fast, [20, 12])) == sorted(remove_channels(reference, [20, 12]))
     assert (fast.weight - reference.weight).norm() / reference.weight.norm() < tol
+
+
+def test_rows_on_the_surviving_columns_only_match_the_masked_inverse() -> None:
+    # heads removed out of order (gaps left and right of the next head, one at the last columns): each
+    # round's rows come from the surviving runs only; the state is the masked inverse, the weight the optimum
+    W, H = _layer(24, 384, seed=11, dtype=torch.float64)
+    units = torch.arange(384).view(6, 64)
+    solver = FastSolver(W, H, compensate=True)
+    earlier = torch.zeros(384, dtype=torch.bool)
+    for head in (3, 0, 5, 1):
+        solver.remove(units[head])
+        newest = solver._C[solver._T - 64:solver._T]  # this round's factor F: zero where heads went before
+        assert torch.all(newest[:, earlier] == 0)
+        earlier[units[head]] = True
+        pruned = solver.pruned
+        masked = H.clone()
+        masked[pruned, :] = 0
+        masked[:, pruned] = 0
+        masked[pruned, pruned] = 1
+        truth = torch.linalg.inv(masked)
+        assert (solver.inverse() - truth).norm() / truth.norm() < 1e-10
+        keep = (~pruned).nonzero().flatten()
+        optimum = W @ H[:, keep] @ torch.linalg.inv(H[keep][:, keep])  # least squares on the survivors
+        assert (solver.weight[:, keep] - optimum).norm() / optimum.norm() < 1e-10
+        assert torch.all(solver.weight[:, pruned] == 0)
