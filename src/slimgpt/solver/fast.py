@@ -21,7 +21,10 @@ With few rounds (heads of 128 columns, 2-4 rounds) the one factorisation is a la
 runs in GEMMs that skip the triangular factors' zero blocks (linalg.inverse_cholesky_factor, about
 2/3 d^3 flops, the least that yields every diagonal block of Hinv the first round's exact scores
 need), and so do the rows (M[s:, s:] is triangular) and the heads' small block inverses
-(linalg.batched_inverse_factor instead of LAPACK's batched potrf/potri).
+(linalg.batched_inverse_factor instead of LAPACK's batched potrf/potri). The weight, M and C have
+padded rows (linalg.padded_empty: a head's column slab at a 4 or 8 KiB row stride thrashes the caches);
+a head's rows, F and the weight update cover only the surviving columns; C is sized once from the
+rounds' hint (``expect_removals``).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Pure tensor maths (torch only). ``inverse_cholesky_factor`` exists because the f
 factorisation is, at the head shapes with few greedy rounds, most of its time: LAPACK's float32
 ``potrf``/``trtri`` (and the elementwise ``tril`` passes torch wraps around them) run several times
 below the matrix-multiply rate on CPUs, while a recursive 2 x 2 block recursion spends almost all of
-its flops in GEMMs.
+its flops in GEMMs (its leaves in two halves: LAPACK's float32 Cholesky runs at a few GF/s at n <= 128).
+``padded_empty`` gives the solvers' big matrices rows that do not span whole KiB (cache-set conflicts).
 """
 
 from __future__ import annotations
