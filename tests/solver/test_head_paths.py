@@ -117,3 +117,18 @@ def test_rows_on_the_surviving_columns_only_match_the_masked_inverse() -> None:
         optimum = W @ H[:, keep] @ torch.linalg.inv(H[keep][:, keep])  # least squares on the survivors
         assert (solver.weight[:, keep] - optimum).norm() / optimum.norm() < 1e-10
         assert torch.all(solver.weight[:, pruned] == 0)
+
+
+def test_a_removal_right_after_the_scores_reuses_their_block_inverse() -> None:
+    W, H = _layer(16, 192, seed=12, dtype=torch.float64)
+    units = torch.arange(192).view(6, 32)
+    alive = torch.tensor([True, True, False, True, True, True])
+    fast, reference = FastSolver(W, H, compensate=True), ReferenceSolver(W, H, compensate=True)
+    fast.unit_scores(units, alive, "gcd")
+    assert sorted(fast._scored) == [0, 32, 96, 128, 160]  # the live units' first columns
+    for solver in (fast, reference):
+        solver.remove(units[4])  # scored: its N is reused
+        solver.remove(units[2])  # not scored (not alive then, and the scores are stale): computed afresh
+        solver.remove(torch.tensor([1, 5, 40]))  # scattered
+    assert fast._scored == {}
+    assert (fast.weight - reference.weight).norm() / reference.weight.norm() < 1e-10

@@ -101,6 +101,7 @@ class FastSolver(Solver):
         self._pruned = torch.zeros(d, dtype=torch.bool, device=weight.device)
         # (units, their starts if contiguous, blocks, T folded in)
         self._blocks: tuple[torch.Tensor, list[int] | None, torch.Tensor, int] | None = None
+        self._scored: dict[int, torch.Tensor] = {}  # first column -> L^-1 of its unit's block, at the last scores
 
     @property
     def weight(self) -> torch.Tensor:
@@ -251,7 +252,11 @@ class FastSolver(Solver):
         runs = runs if len(runs) <= MAX_RUNS else []
         rows = self._unit_rows(start, p, runs) if start is not None and runs else self._rows(columns, start)
         rows_P = rows[:, start:start + p] if start is not None else rows[:, columns]
-        N = inverse_cholesky_factor(rows_P) if p > 2 * INVERSE_BLOCK else batched_inverse_factor(rows_P[None])[0]
+        N = self._scored.get(start) if start is not None else None  # the last scores' own (same T)
+        if N is None or N.shape[0] != p:
+            N = inverse_cholesky_factor(rows_P) if p > 2 * INVERSE_BLOCK else \
+                batched_inverse_factor(rows_P[None])[0]
+        self._scored = {}
         F = self._reserve(p)  # [p, d]
         if runs:
             F.zero_()
@@ -321,6 +326,8 @@ class FastSolver(Solver):
         # tr(W_P B^-1 W_P^T) = tr(N W_P^T W_P N^T) with B = L L^T, N = L^-1: the Grams come from W in
         # place (heads are contiguous), and N from GEMMs instead of LAPACK's small potrf/potri.
         N = batched_inverse_factor(live_blocks)  # [U, g, g]
+        if starts is not None:  # a removal right after these scores reuses its unit's N (the same Hinv_PP)
+            self._scored = {starts[i]: N[k] for k, i in enumerate(live.tolist())}
         live_starts = None if starts is None else [starts[i] for i in live.tolist()]
         scores[live] = (N * (N @ self._grams(live_units, live_starts))).sum((1, 2)).cpu()
         return scores
