@@ -37,8 +37,9 @@ class Solver:
     def remove(self, columns: torch.Tensor) -> None:
         raise NotImplementedError  # pragma: no cover - abstract
 
-    def expect_removals(self, columns: int) -> None:
-        """A hint: about ``columns`` more columns are to go (a solver may pick its strategy by it)."""
+    def expect_removals(self, columns: int, units: bool = False) -> None:
+        """A hint: about ``columns`` more columns are to go, as whole units of consecutive columns (heads)
+        if ``units``, else as scattered channels (a solver may pick its strategy and buffers by it)."""
 
     def channel_errors(self) -> torch.Tensor:
         """OBS error ||W_j||^2 / Hinv_jj of removing each column alone, shape [d_in]; +inf if removed."""

@@ -21,7 +21,10 @@ With few rounds (heads of 128 columns, 2-4 rounds) the one factorisation is a la
 runs in GEMMs that skip the triangular factors' zero blocks (linalg.inverse_cholesky_factor, about
 2/3 d^3 flops, the least that yields every diagonal block of Hinv the first round's exact scores
 need), and so do the rows (M[s:, s:] is triangular) and the heads' small block inverses
-(linalg.batched_inverse_factor instead of LAPACK's batched potrf/potri).
+(linalg.batched_inverse_factor instead of LAPACK's batched potrf/potri). The weight, M and C have
+padded rows (linalg.padded_empty: a head's column slab at a 4 or 8 KiB row stride thrashes the caches);
+a head's rows, F and the weight update cover only the surviving columns; C is sized once from the
+rounds' hint (``expect_removals``).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from slimgpt.solver.linalg import (
     gram_of_lower,
     inverse_cholesky_factor,
     mirror_lower,
+    padded_empty,
     times_lower,
 )
 
@@ -57,6 +61,22 @@ def _contiguous_starts(units: torch.Tensor) -> list[int] | None:
     return None
 
 
+def _adjacent(starts: list[int], g: int) -> list[tuple[int, int]]:
+    """Ranges [i, j) of units that lie side by side (unit i + 1 starts where unit i ends), in order."""
+    runs: list[list[int]] = []
+    for i, a in enumerate(starts):
+        if runs and a == starts[i - 1] + g:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return [(i, j) for i, j in runs]
+
+
+def _unit_views(matrix: torch.Tensor, start: int, count: int, g: int) -> torch.Tensor:
+    """The columns of ``count`` side-by-side units from ``start`` as a batch [count, rows, g], in place."""
+    return matrix[:, start:start + count * g].unflatten(1, (count, g)).transpose(0, 1)
+
+
 class FastSolver(Solver):
     """Exact downdates of Hinv instead of re-inversion (docs/paper.md section 6), as low-rank factors.
 
@@ -70,7 +90,8 @@ class FastSolver(Solver):
     def __init__(self, weight: torch.Tensor, hessian: torch.Tensor, compensate: bool) -> None:
         super().__init__(weight, hessian, compensate)
         d = weight.shape[1]
-        self._w = weight.to(self.dtype).clone()  # [d_out, d]
+        self._w = padded_empty(weight.shape[0], d, self.dtype, weight.device)  # [d_out, d], rows padded
+        self._w.copy_(weight)
         self._M: torch.Tensor | None = inverse_cholesky_factor(hessian.to(self.dtype))  # [d, d], Hinv = M^T M
         self._K: torch.Tensor | None = None  # Hinv = M^T M itself, formed (and M dropped) for scattered columns
         self._use_inverse = False  # whether scattered columns form K (expect_removals)
@@ -78,7 +99,9 @@ class FastSolver(Solver):
         self._T = 0
         self._diag: torch.Tensor | None = None  # diag(Hinv), formed on first use (FFN rounds only)
         self._pruned = torch.zeros(d, dtype=torch.bool, device=weight.device)
-        self._blocks: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (units, blocks, T folded in)
+        # (units, their starts if contiguous, blocks, T folded in)
+        self._blocks: tuple[torch.Tensor, list[int] | None, torch.Tensor, int] | None = None
+        self._scored: dict[int, torch.Tensor] = {}  # first column -> L^-1 of its unit's block, at the last scores
 
     @property
     def weight(self) -> torch.Tensor:
@@ -93,9 +116,12 @@ class FastSolver(Solver):
         assert self._M is not None
         return self._M
 
-    def expect_removals(self, columns: int) -> None:
-        if self._T + columns > ROWS_FROM_INVERSE * self._w.shape[1]:
+    def expect_removals(self, columns: int, units: bool = False) -> None:
+        """Scattered columns: form K when many are to go (ROWS_FROM_INVERSE). Either way the downdate
+        factors get room for them now (no buffer grown and copied a round)."""
+        if not units and self._T + columns > ROWS_FROM_INVERSE * self._w.shape[1]:
             self._use_inverse = True
+        self._reserve(max(0, min(columns, self._w.shape[1] - self._T)))
 
     def _initial_inverse(self) -> torch.Tensor:
         """K = M^T M, the inverse Hessian before any removal, formed once and kept instead of M.
@@ -148,6 +174,27 @@ class FastSolver(Solver):
             rows.masked_fill_(self._pruned, 0)  # removed columns are decoupled
         return rows
 
+    def _unit_rows(self, s: int, p: int, runs: list[tuple[int, int]]) -> torch.Tensor:
+        """Hinv[P, :] for consecutive columns P = [s, s + p) from M, on the surviving columns only (``runs``,
+        which include P; what lies between them is left unset): the later head rounds skip the removed
+        heads' columns, a quarter to a third of the product at 3-4 rounds of 8 heads."""
+        M = self._factor()
+        rows = M.new_empty(p, M.shape[1])
+        C = self._C[:self._T]
+        for a, b in runs:
+            if a < s:  # left of the head: M[s:, a:c] is a full block
+                c = min(b, s)
+                rows[:, a:c].addmm_(M[s:, s:s + p].mT, M[s:, a:c], beta=0)
+            if b > s:  # right of (or at) the head: M[a1:, a1:b] is lower trapezoidal, zero above row a1
+                a1 = max(a, s)
+                X = M[a1:, s:s + p].mT  # [p, d - a1]: M's rows from a1 on (the column block P is zero above s)
+                times_lower(X[:, :b - a1], M[a1:b, a1:b], rows[:, a1:b], INVERSE_BLOCK)
+                if b < M.shape[0]:
+                    rows[:, a1:b].addmm_(X[:, b - a1:], M[b:, a1:b])
+            if self._T:
+                rows[:, a:b].addmm_(C[:, s:s + p].mT, C[:, a:b], alpha=-1)  # minus (C^T C)[P, a:b]
+        return rows
+
     def _rows_from(self, s: int, M_P: torch.Tensor, out: torch.Tensor) -> None:
         """out = (M^T M)[P_c, :] from M_P = M[s:, P_c]^T, the columns P_c >= s (M is zero above row s there)."""
         M = self._factor()
@@ -159,7 +206,8 @@ class FastSolver(Solver):
         """The next p rows of the stacked factors C ([p, d]), doubling the buffer when full."""
         need = self._T + p
         if need > self._C.shape[0]:
-            grown = self._C.new_empty(max(need, 2 * self._C.shape[0]), self._C.shape[1])
+            C = self._C
+            grown = padded_empty(max(need, 2 * C.shape[0]), C.shape[1], C.dtype, C.device)
             grown[:self._T] = self._C[:self._T]
             self._C = grown
         return self._C[self._T:need]
@@ -178,27 +226,45 @@ class FastSolver(Solver):
             raise ValueError("a column is already removed (or given twice); each column can go once")
         found = _contiguous_starts(columns[None])
         start = found[0] if found is not None else None
-        rows = self._rows(columns, start)  # [p, d]
-        rows_P = rows[:, start:start + len(columns)] if start is not None else rows[:, columns]
-        # Hinv_PP = L_P L_P^T; N = L_P^-1 explicitly (p x p), so that both products below are GEMMs
-        N = inverse_cholesky_factor(rows_P) if len(columns) > 2 * INVERSE_BLOCK else \
-            batched_inverse_factor(rows_P[None], INVERSE_BLOCK)[0]  # one LAPACK call up to 128
-        F = self._reserve(len(columns))
-        torch.mm(N, rows, out=F)  # [p, d]: L_P^-1 Hinv_P
+        N, F = self._new_factor(columns, start)
+        self._pruned[columns] = True
         if self.compensate:
             W_P = self._w[:, start:start + len(columns)] if start is not None else self._w[:, columns]
             W_P = W_P @ N.mT  # W_P L_P^-T
-            runs = self._live_runs()  # OBS block update; F is zero on removed columns, so skip them
+            runs = self._live_runs()  # OBS block update of the survivors (F is zero on removed columns)
             for a, b in runs if len(runs) <= MAX_RUNS else [(0, self._w.shape[1])]:  # (heads: few runs)
                 self._w[:, a:b].addmm_(W_P, F[:, a:b], alpha=-1)
         if start is not None:
             self._w[:, start:start + len(columns)] = 0
         else:
             self._w[:, columns] = 0
-        self._pruned[columns] = True
         self._T += len(columns)
         if self._diag is not None:
             self._diag -= F.square().sum(0)  # diag(F^T F)
+
+    def _new_factor(self, columns: torch.Tensor, start: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """N = L_P^-1 (Hinv_PP = L_P L_P^T, p x p, explicit so that the products with it are GEMMs) and
+        F = N Hinv_P, the next p rows of C, for the columns P about to go. A head (``start``) with M at hand
+        takes its rows on the surviving columns only (``_unit_rows``), and F is zero on the removed ones,
+        as the masked rows of ``_rows`` give."""
+        p = len(columns)
+        runs = self._live_runs() if start is not None and self._M is not None else []  # P among them
+        runs = runs if len(runs) <= MAX_RUNS else []
+        rows = self._unit_rows(start, p, runs) if start is not None and runs else self._rows(columns, start)
+        rows_P = rows[:, start:start + p] if start is not None else rows[:, columns]
+        N = self._scored.get(start) if start is not None else None  # the last scores' own (same T)
+        if N is None or N.shape[0] != p:
+            N = inverse_cholesky_factor(rows_P) if p > 2 * INVERSE_BLOCK else \
+                batched_inverse_factor(rows_P[None])[0]
+        self._scored = {}
+        F = self._reserve(p)  # [p, d]
+        if runs:
+            F.zero_()
+            for a, b in runs:
+                F[:, a:b].addmm_(N, rows[:, a:b], beta=0)
+        else:
+            torch.mm(N, rows, out=F)
+        return N, F
 
     def channel_errors(self) -> torch.Tensor:
         if self._diag is None:  # diag(K - C^T C); square().sum(0) reads rows, unlike a column norm
@@ -209,11 +275,12 @@ class FastSolver(Solver):
         errors[self._pruned] = math.inf
         return errors
 
-    def _unit_blocks(self, units: torch.Tensor) -> torch.Tensor:
-        """Hinv[u, u] for every unit ([n_units, g, g]), cached and brought up to date with new factors."""
+    def _unit_blocks(self, units: torch.Tensor) -> tuple[torch.Tensor, list[int] | None]:
+        """Hinv[u, u] for every unit ([n_units, g, g]), cached and brought up to date with new factors; and
+        each unit's first column if all are contiguous (``_contiguous_starts``, cached with them)."""
         cached = self._blocks
         if cached is not None and cached[0].shape == units.shape and torch.equal(cached[0], units):
-            blocks, folded = cached[1], cached[2]
+            starts, blocks, folded = cached[1], cached[2], cached[3]
         else:
             starts = _contiguous_starts(units)
             g = units.shape[1]
@@ -226,14 +293,26 @@ class FastSolver(Solver):
                 blocks = torch.stack([s.mT @ s for s in slabs])
             folded = 0
         if folded < self._T:
-            new = self._C[folded:self._T][:, units]  # [t, n_units, g]
-            blocks -= torch.einsum("tug,tuh->ugh", new, new)
-        self._blocks = (units.clone(), blocks, self._T)
-        return blocks
+            self._fold(units, starts, blocks, self._C[folded:self._T])
+        self._blocks = (units.clone(), starts, blocks, self._T)
+        return blocks, starts
+
+    @staticmethod
+    def _fold(units: torch.Tensor, starts: list[int] | None, blocks: torch.Tensor, new: torch.Tensor) -> None:
+        """blocks[u] -= new[:, u]^T new[:, u] (the factors added since the blocks were last brought up to date);
+        side-by-side units read ``new`` in place, one batched GEMM a run, others through a gather."""
+        if starts is None:
+            gathered = new[:, units]  # [t, n_units, g]
+            blocks -= torch.einsum("tug,tuh->ugh", gathered, gathered)
+            return
+        g = units.shape[1]
+        for i, j in _adjacent(starts, g):
+            view = _unit_views(new, starts[i], j - i, g)  # [j - i, t, g]
+            blocks[i:j].baddbmm_(view.mT, view, alpha=-1)
 
     def unit_scores(self, units: torch.Tensor, alive: torch.Tensor, mode: str) -> torch.Tensor:
         units = units.to(self._pruned.device)
-        blocks = self._unit_blocks(units)  # [n_units, g, g]
+        blocks, starts = self._unit_blocks(units)  # [n_units, g, g]
         # Units with a removed column cannot go again, whatever ``alive`` says.
         live = (alive & ~self._pruned[units].any(1).cpu()).nonzero().flatten()
         scores = torch.full((len(units),), math.inf, dtype=self.dtype)
@@ -247,23 +326,18 @@ class FastSolver(Solver):
         # tr(W_P B^-1 W_P^T) = tr(N W_P^T W_P N^T) with B = L L^T, N = L^-1: the Grams come from W in
         # place (heads are contiguous), and N from GEMMs instead of LAPACK's small potrf/potri.
         N = batched_inverse_factor(live_blocks)  # [U, g, g]
-        scores[live] = (N * (N @ self._grams(live_units))).sum((1, 2)).cpu()
+        if starts is not None:  # a removal right after these scores reuses its unit's N (the same Hinv_PP)
+            self._scored = {starts[i]: N[k] for k, i in enumerate(live.tolist())}
+        live_starts = None if starts is None else [starts[i] for i in live.tolist()]
+        scores[live] = (N * (N @ self._grams(live_units, live_starts))).sum((1, 2)).cpu()
         return scores
 
-    def _grams(self, units: torch.Tensor) -> torch.Tensor:
-        """W_u^T W_u for each unit ([U, g, g]): one batched GEMM per run of adjacent heads, read in place."""
+    def _grams(self, units: torch.Tensor, starts: list[int] | None) -> torch.Tensor:
+        """W_u^T W_u for each unit ([U, g, g]): one batched GEMM per run of adjacent heads (``starts``: each
+        unit's first column, the units contiguous), read in place."""
         g = units.shape[1]
-        starts = _contiguous_starts(units)
         if starts is None:
             return torch.stack([self._w[:, u].mT @ self._w[:, u] for u in units])
-        runs: list[list[int]] = []
-        for a in starts:
-            if runs and a == runs[-1][-1] + g:
-                runs[-1].append(a)
-            else:
-                runs.append([a])
-        grams = []
-        for run in runs:
-            view = self._w[:, run[0]:run[-1] + g].unflatten(1, (len(run), g)).transpose(0, 1)  # [r, d_out, g]
-            grams.append(view.mT @ view)
+        views = [_unit_views(self._w, starts[i], j - i, g) for i, j in _adjacent(starts, g)]  # [r, d_out, g]
+        grams = [view.mT @ view for view in views]
         return grams[0] if len(grams) == 1 else torch.cat(grams)

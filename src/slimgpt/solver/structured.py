@@ -35,6 +35,7 @@ def greedy_remove_units(
     buckets = buckets if buckets is not None else [list(range(len(units)))]
     alive = torch.ones(len(units), dtype=torch.bool)
     removed: list[int] = []
+    solver.expect_removals(rounds * len(buckets) * units.shape[1], units=True)
     for _ in range(rounds):
         scores = solver.unit_scores(units, alive, score)
         chosen = []
