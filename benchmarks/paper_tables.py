@@ -53,7 +53,7 @@ Calibration: 32 windows of 256 tokens of the English calibration chapters, seed 
 items of each English task for Table 1's rows only (the ablation tables are judged on perplexity, as
 their claims are). Measured with OpenMP's passive waits (benchmarks/omp_wait.py) on 2 shared cores at
 load 2-7: a Table 1 row (pruning, both perplexities, 800 zero-shot requests) 93-350 s, SlimGPT auto
-about 7 min, an ablation row 25-90 s: about 2.4 h for the 57 rows (docs/results/smollm2.md). With
+about 2-3.5 min, an ablation row 25-90 s: about 2.1 h for the 57 rows (docs/results/smollm2.md). With
 spinning waits on a saturated machine the same rows took 10-55 min each.
 """
 
