@@ -207,8 +207,10 @@ def _divergences(model: nn.Module, windows: torch.Tensor, reference: torch.Tenso
     vocab = int(model.get_output_embeddings().weight.shape[0])  # type: ignore[operator]
     per_chunk = max(1, LOGIT_BUDGET // max(1, tokens * vocab))
     logits = run_given(model, windows, reference, head=True)
-    final = run_given(model, windows, reference, head=False).flatten(0, 1)
-    head = linear_head(model, final, logits.flatten(0, 1)) if vocab >= TOP_VOCAB else None
+    head = None
+    if vocab >= TOP_VOCAB:
+        final = run_given(model, windows, reference, head=False).flatten(0, 1)
+        head = linear_head(model, final, logits.flatten(0, 1))
     if head is not None:
         divergence = TopKDivergence(head[0], final, logits.flatten(0, 1))
         finals: list[torch.Tensor] = []
