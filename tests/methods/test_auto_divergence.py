@@ -95,6 +95,6 @@ def test_the_head_check_refuses_what_is_not_the_linear_head() -> None:
     with torch.no_grad():
         logits = linear(final)
         found = linear_head(_Model(linear), final, logits)
-        assert found is not None and torch.equal(found[0], linear.weight)
+        assert found is not None and torch.equal(found, linear.weight)
         assert linear_head(_Model(linear), final, 2 * logits) is None  # a scale or soft cap on the logits
         assert linear_head(_Model(_Scaled(linear)), final, logits) is None  # not a plain linear head

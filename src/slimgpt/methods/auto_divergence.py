@@ -60,10 +60,9 @@ def run_given(model: nn.Module, windows: torch.Tensor, hidden: torch.Tensor, *, 
         decoder.layers = layers
 
 
-def linear_head(model: nn.Module, final: torch.Tensor,
-                logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """The head's (W, b) in float32 if the dense ``logits`` are W final + b up to the head dtype's rounding,
-    else None."""
+def linear_head(model: nn.Module, final: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
+    """The head's weight W in float32 if the dense ``logits`` are W final + b up to the head dtype's
+    rounding, else None (the bias cancels in every logit change)."""
     head = model.get_output_embeddings()  # type: ignore[operator]
     if not isinstance(head, nn.Linear):
         return None
@@ -71,12 +70,12 @@ def linear_head(model: nn.Module, final: torch.Tensor,
     bias = head.bias.detach().float() if head.bias is not None else None
     if final.shape[-1] != weight.shape[1]:
         return None
-    mine = F.linear(final.to(weight.device), weight, None if bias is None else bias)
+    mine = F.linear(final.to(weight.device), weight, bias)
     scale = max(float(logits.abs().max()), 1.0)
     rounding = max(1e-4, 2 * torch.finfo(head.weight.dtype).eps)  # a bfloat16 head rounds its logits
     if not bool(torch.isfinite(mine).all()) or float((mine.cpu() - logits.cpu()).abs().max()) > rounding * scale:
         return None
-    return weight, bias
+    return weight
 
 
 class TopKDivergence:
@@ -134,7 +133,8 @@ def _tail_covariance(weight: torch.Tensor, tail_mass: torch.Tensor, rest: torch.
     d = weight.shape[1]
     if total <= TAIL_FLOOR:
         return torch.zeros(d, d, dtype=torch.float64, device=weight.device)
-    second = weight.double().T @ (tail_mass[:, None] * weight.double())
+    wide = weight.double()
+    second = wide.T @ (tail_mass[:, None] * wide)
     keep = tail > TAIL_FLOOR
     centred = rest[keep] / tail[keep].sqrt()[:, None]
     return (second - centred.T @ centred) / total

@@ -212,7 +212,7 @@ def _divergences(model: nn.Module, windows: torch.Tensor, reference: torch.Tenso
         final = run_given(model, windows, reference, head=False).flatten(0, 1)
         head = linear_head(model, final, logits.flatten(0, 1))
     if head is not None:
-        divergence = TopKDivergence(head[0], final, logits.flatten(0, 1))
+        divergence = TopKDivergence(head, final, logits.flatten(0, 1))
         finals: list[torch.Tensor] = []
         for start in range(0, len(streams), per_chunk):
             out = run_given(model, windows, torch.cat(streams[start:start + per_chunk]), head=False)
