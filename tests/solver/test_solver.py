@@ -352,6 +352,13 @@ def test_batched_inverse_factor_equals_the_inverse(g: int) -> None:
     bad[1, -1, -1] = -1.0
     with pytest.raises(NumericalError, match="damping"):
         batched_inverse_factor(bad)
+    # Only the result's diagonal is checked: a NaN or infinity below the diagonal must still reach it,
+    # in the first leaf, between the leaves and in the last one.
+    for row, col, value in [(1, 0, math.nan), (g - 1, 0, math.inf), (g - 1, g - 2, math.nan), (g // 2, 1, -math.inf)]:
+        bad = blocks.clone()
+        bad[2, row, col] = value
+        with pytest.raises(NumericalError, match="damping"):
+            batched_inverse_factor(bad)
 
 
 def _wide_layer(d_in: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
