@@ -188,18 +188,15 @@ def check_options_against_model(config: PruneConfig, model: str) -> None:
 
 
 def check_calibration_source(source: str) -> None:
-    """The calibration source exists; a local one is read now, so unreadable text fails before the model."""
-    data.describe_source(source, "calibration")
-    if source.strip().lower() not in data.SOURCES:
-        data.load_documents(source, "calibration")
+    """The calibration source can be read, before the model loads: a local one is read now, a Hub one is
+    in the datasets cache (offline) or the Hub answers (``data.check_available``)."""
+    data.check_available(source, "calibration")
 
 
 def check_eval_sources(sources: list[str]) -> None:
-    """Every perplexity source of ``slimgpt eval`` exists (a local one is read now), before the model loads."""
+    """Every perplexity source of ``slimgpt eval`` can be read (``data.check_available``), before the model loads."""
     for source in sources:
-        data.describe_source(source, "eval")
-        if source.strip().lower() not in data.SOURCES:
-            data.load_documents(source, "eval")
+        data.check_available(source, "eval")
 
 
 def take_output(output: Path) -> OutputLock:

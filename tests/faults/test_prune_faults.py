@@ -298,3 +298,29 @@ def test_export_refuses_a_damaged_model(work: Path, capsys: pytest.CaptureFixtur
 def test_eval_checks_its_datasets_before_loading_the_model(work: Path, capsys: pytest.CaptureFixture[str],
                                                           no_load: None) -> None:
     refused(capsys, work, "eval", "m", "--ppl", "missing-folder/", match="missing-folder")
+
+
+@pytest.fixture
+def offline_empty_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The Hub offline and a datasets cache with nothing in it (outside the work folder the tests snapshot)."""
+    cache = tmp_path.parent / f"{tmp_path.name}-hf" / "datasets"
+    monkeypatch.setenv("HF_HOME", str(cache.parent))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_prune_checks_a_hub_calibration_source_before_loading_the_model(
+        work: Path, capsys: pytest.CaptureFixture[str], no_load: None, offline_empty_cache: Path,
+        stream: bool) -> None:
+    argv = ["prune", "m", "--calib", "c4", "--nsamples", "4", "--seqlen", "32", "--ratio", "0.3", "-o", "out"]
+    message = refused(capsys, work, *argv, *(["--stream"] if stream else []), match="'c4' (allenai/c4")
+    assert "offline" in message and str(offline_empty_cache) in message
+    assert not (work / "out").exists() and not (work / "out.checkpoint").exists()
+
+
+def test_eval_checks_a_hub_perplexity_source_before_loading_the_model(
+        work: Path, capsys: pytest.CaptureFixture[str], no_load: None, offline_empty_cache: Path) -> None:
+    message = refused(capsys, work, "eval", "m", "--ppl", "wikitext2", match="'wikitext2'")
+    assert "offline" in message and "wikitext-2-raw-v1" in message

@@ -21,7 +21,7 @@ Every problem a user can fix (unknown name, missing file, Hub offline or unreach
 is a one-line ``DataError`` raised before any pruning work.
 """
 
-from slimgpt.data.documents import describe_source, load_documents, source_documents
+from slimgpt.data.documents import check_available, describe_source, load_documents, source_documents
 from slimgpt.data.local import jsonl_objects
 from slimgpt.data.sources import (
     ALPACA_PROMPT_NO_INPUT,
@@ -58,6 +58,7 @@ __all__ = [
     "Windowing",
     "alpaca_fields",
     "calibration_windows",
+    "check_available",
     "describe_source",
     "eval_windows",
     "jsonl_objects",

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import slimgpt.corpus as corpus
 import slimgpt.data.english as english
-from slimgpt.data.hub import hub_documents, hub_split_and_files, rows_description
+from slimgpt.data.hub import check_hub_available, hub_documents, hub_split_and_files, rows_description
 from slimgpt.data.local import local_files, read_local
 from slimgpt.data.sources import BuiltinSource, EnglishSource, HubSource, Source, Split, check_split, resolve_source
 
@@ -31,6 +31,18 @@ def source_documents(source: str, resolved: Source, split: Split) -> Sequence[st
     if isinstance(resolved, EnglishSource):
         return english.documents(split)
     return read_local(resolved.path)
+
+
+def check_available(source: str, split: str = "calibration") -> None:
+    """Fail now, with a one-line ``DataError``, if ``split`` of ``source`` cannot be read: an unknown name,
+    a missing or unreadable local path, or a Hub dataset that is neither cached (offline) nor reachable.
+    Reads a local source whole; for a Hub source it only looks at the cache or probes the Hub."""
+    checked_split = check_split(split)
+    resolved = resolve_source(source)
+    if isinstance(resolved, HubSource):
+        check_hub_available(source, resolved, checked_split)
+    elif not isinstance(resolved, (BuiltinSource, EnglishSource)):
+        read_local(resolved.path)
 
 
 def describe_source(source: str, split: str = "calibration") -> dict[str, object]:

@@ -115,17 +115,7 @@ def load_hub_split(name: str, hub: HubSource, hub_split: str, files: str | None)
     Returns a ``datasets.Dataset``.
     """
     label = _hub_label(hub, files)
-    cache_dir = _datasets_cache_dir()
-    cached = _in_datasets_cache(hub.hub_id, cache_dir)
-    if _hub_offline():
-        if not cached:
-            raise DataError(
-                f"dataset {name!r} ({label}) is not in the local Hugging Face cache ({cache_dir}) and the "
-                f"Hub is offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE): {LOCAL_HINT}, or download it "
-                "once with network (HF_DATASETS_CACHE=... to choose where)"
-            )
-    else:
-        _check_hub_reachable(name, label, cached)
+    cache_dir = _require_available(name, hub, label)
 
     from datasets import load_dataset
 
@@ -144,6 +134,28 @@ def load_hub_split(name: str, hub: HubSource, hub_split: str, files: str | None)
             f"could not load dataset {name!r} ({label}): {_one_line(error)}: check the network and "
             f"disk space, or {LOCAL_HINT}"
         ) from error
+
+
+def check_hub_available(name: str, hub: HubSource, split: Split) -> None:
+    """Raise a one-line ``DataError`` now if ``split`` of ``hub`` cannot be loaded: offline with nothing
+    cached, or the Hub unreachable. The preflight calls it, so this fails before the model loads."""
+    _require_available(name, hub, _hub_label(hub, hub_split_and_files(hub, split)[1]))
+
+
+def _require_available(name: str, hub: HubSource, label: str) -> Path:
+    """The datasets cache folder, once the data is known to be loadable from it or from the Hub."""
+    cache_dir = _datasets_cache_dir()
+    cached = _in_datasets_cache(hub.hub_id, cache_dir)
+    if _hub_offline():
+        if not cached:
+            raise DataError(
+                f"dataset {name!r} ({label}) is not in the local Hugging Face cache ({cache_dir}) and the "
+                f"Hub is offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE): {LOCAL_HINT}, or download it "
+                "once with network (HF_DATASETS_CACHE=... to choose where)"
+            )
+    else:
+        _check_hub_reachable(name, label, cached)
+    return cache_dir
 
 
 def _check_hub_reachable(name: str, label: str, cached: bool) -> None:
