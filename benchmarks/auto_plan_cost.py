@@ -4,7 +4,9 @@ Each variant prunes a copy of the model and is timed end to end, with the plan's
 tables' held-out 128-token windows (100, evenly spread); the JSON gets every row and the allocation.
 Variants: ``li`` (log-increase), or ``auto[:tokens][:exact][:all]``: the sensitivity on ``tokens`` tokens
 (default the shipped SENSITIVITY_TOKENS), ``exact`` the whole head per probe instead of the top-token KL,
-``all`` every calibration window in the planning pass (no PLAN_TOKENS_PER_INPUT cap).
+``all`` every calibration window in the planning pass (no PLAN_TOKENS_PER_INPUT cap). ``m:METHOD`` prunes
+with another method (``flap``, ``slicegpt``, ...: its defaults) on the same windows, to the same ratio of
+decoder parameters, for a baseline at the same calibration.
 ``--kl-accuracy K1,K2`` instead compares the top-token KL at those K with the exact one on the plan's own
 probes (at the first ratio).
 
@@ -12,6 +14,8 @@ probes (at the first ratio).
     python benchmarks/auto_plan_cost.py smollm2-135m --nsamples 128 --seqlen 512 --ratios 0.2 \
         --variants li,auto,auto:all
     python benchmarks/auto_plan_cost.py smollm2-135m --ratios 0.2 --kl-accuracy 64,256,1024
+    python benchmarks/auto_plan_cost.py smollm2-135m --nsamples 128 --seqlen 512 --ratios 0.2,0.5 \
+        --variants li,m:flap,m:slicegpt
 """
 
 from __future__ import annotations
@@ -50,7 +54,11 @@ def _set(variant: str) -> str:
 
 
 def run_variant(model: Any, calibration: torch.Tensor, held_out: torch.Tensor, ratio: float, variant: str) -> dict:
-    config = PruneConfig(ratio=ratio, schedule=_set(variant))
+    if variant.startswith("m:"):
+        _set("li")  # the shipped plan settings; the method's own defaults otherwise
+        config = PruneConfig(method=variant[2:], ratio=ratio)
+    else:
+        config = PruneConfig(ratio=ratio, schedule=_set(variant))
     pruned = copy.deepcopy(model)
     load = os.getloadavg()[0]
     start = time.perf_counter()
@@ -60,6 +68,7 @@ def run_variant(model: Any, calibration: torch.Tensor, held_out: torch.Tensor, r
     return {"ratio": ratio, "variant": variant, "prune_s": round(seconds, 2),
             "plan_s": round(report.stage_seconds.get("plan", 0.0), 2),
             "ppl128": round(perplexity(pruned, held_out, batch_size=8, progress=False), 3),
+            "decoder_parameters": report.decoder_params_after, "realised_ratio": round(report.realised_ratio, 5),
             "planning_windows": schedule.get("planning_windows"), "load": [load, os.getloadavg()[0]],
             "channels_removed": schedule.get("channels_removed"),
             "attn_units_removed": schedule.get("attn_units_removed")}
