@@ -29,7 +29,7 @@ from paper_plan import (
     with_options,
 )
 
-from slimgpt.config import GQA_POLICIES
+from slimgpt.config import GQA_POLICIES, PruneConfig
 from slimgpt.evaluation import plot_ppl_vs_ratio
 from slimgpt.evaluation.report import format_count, format_ppl, markdown_table
 from slimgpt.solver.schedule import SCHEDULES
@@ -286,7 +286,7 @@ def claims_fig3(tables: Tables, options: Options, model: str) -> list[Claim]:
 
 
 def gqa_verdict(tables: Tables, options: Options, model: str) -> str:
-    """Which GQA policy gives the lower PPL at every measured ratio: the documented default."""
+    """Which GQA policy gives the lower PPL in most measured (ratio, window) cells, against the default."""
     wins = {policy: 0 for policy in GQA_POLICIES}
     measured = 0
     for ratio in ABLATION_RATIOS:
@@ -298,9 +298,16 @@ def gqa_verdict(tables: Tables, options: Options, model: str) -> str:
             wins[min(values, key=lambda p: values[p])] += 1  # type: ignore[arg-type,return-value]
     if not measured:
         return "not measured"
+    default = PruneConfig().gqa_policy
     best = max(wins, key=lambda p: wins[p])
-    return (f"**{best}** has the lower perplexity in {wins[best]} of {measured} (ratio, window) cells: "
-            f"it is the measured default for GQA models (`gqa_policy`)")
+    if sorted(wins.values())[-1] == sorted(wins.values())[-2]:
+        return (f"neither policy has the lower perplexity in most (ratio, window) cells ({wins[best]} of {measured} "
+                f"each); the default is `{default}` (`docs/method.md`, GQA)")
+    lead = f"**{best}** has the lower perplexity in {wins[best]} of {measured} (ratio, window) cells"
+    if best == default:
+        return f"{lead}: the default (`gqa_policy = {default}`)"
+    return (f"{lead}; the default stays `{default}` (`docs/method.md`, GQA, says why), so pass "
+            f"`--gqa-policy {best}` for the lower perplexity on this model")
 
 
 # --- figures -------------------------------------------------------------------------------------
