@@ -15,7 +15,7 @@ probes (at the first ratio).
         --variants li,auto,auto:all
     python benchmarks/auto_plan_cost.py smollm2-135m --ratios 0.2 --kl-accuracy 64,256,1024
     python benchmarks/auto_plan_cost.py smollm2-135m --nsamples 128 --seqlen 512 --ratios 0.2,0.5 \
-        --variants li,m:flap,m:slicegpt
+        --variants li,m:flap,m:slicegpt --long
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def _set(variant: str) -> str:
     return "log-increase" if parts[0] == "li" else "auto"
 
 
-def run_variant(model: Any, calibration: torch.Tensor, held_out: torch.Tensor, ratio: float, variant: str) -> dict:
+def run_variant(model: Any, calibration: torch.Tensor, held_out: torch.Tensor, ratio: float, variant: str,
+                long_windows: torch.Tensor | None = None) -> dict:
     if variant.startswith("m:"):
         _set("li")  # the shipped plan settings; the method's own defaults otherwise
         config = PruneConfig(method=variant[2:], ratio=ratio)
@@ -68,6 +69,8 @@ def run_variant(model: Any, calibration: torch.Tensor, held_out: torch.Tensor, r
     return {"ratio": ratio, "variant": variant, "prune_s": round(seconds, 2),
             "plan_s": round(report.stage_seconds.get("plan", 0.0), 2),
             "ppl128": round(perplexity(pruned, held_out, batch_size=8, progress=False), 3),
+            "ppl512": None if long_windows is None else round(perplexity(pruned, long_windows, batch_size=4,
+                                                                         progress=False), 3),
             "decoder_parameters": report.decoder_params_after, "realised_ratio": round(report.realised_ratio, 5),
             "planning_windows": schedule.get("planning_windows"), "load": [load, os.getloadavg()[0]],
             "channels_removed": schedule.get("channels_removed"),
@@ -117,6 +120,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtype", default=None, help="load the model in this dtype (default: the checkpoint's)")
     parser.add_argument("--kl-accuracy", default="", help="top-token counts to compare with the exact KL")
+    parser.add_argument("--long", action="store_true",
+                        help="also the PPL on the paper tables' 512-token windows (25, evenly spread)")
     parser.add_argument("--json", type=Path, default=Path("auto_plan_cost.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -131,10 +136,11 @@ def main() -> None:
         print("\n".join(json.dumps(row) for row in rows))
         return
     held_out = spread(eval_windows(tokenizer, args.ppl, 128), 100)
+    long_windows = spread(eval_windows(tokenizer, args.ppl, 512), 25) if args.long else None
     rows = []
     for ratio in ratios:
         for variant in args.variants.split(","):
-            rows.append(run_variant(model, calibration, held_out, ratio, variant))
+            rows.append(run_variant(model, calibration, held_out, ratio, variant, long_windows))
             args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))  # after every row
             print(json.dumps(rows[-1]), flush=True)
 
